@@ -1,0 +1,5 @@
+"""The HTTP layer: thin handlers over the registry layer."""
+
+from .app import make_app
+
+__all__ = ["make_app"]

@@ -1,0 +1,39 @@
+"""The aiohttp application: routes, spec headers, error bodies."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..config import Config
+from ..registry import Registry
+from ..storage import StorageDriver, create_driver
+from . import base, blobs, catalog, manifests, referrers, tags, uploads
+from .common import API_VERSION, CONFIG_KEY, REGISTRY_KEY
+from .errors import error_middleware
+
+
+def make_registry(config: Config, driver: StorageDriver | None = None) -> Registry:
+    driver = driver or create_driver(config.storage_driver, config.storage_params)
+    return Registry(driver, delete_enabled=config.delete_enabled, readonly=config.readonly)
+
+
+def make_app(config: Config, registry: Registry | None = None) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=4 << 20)
+    app[CONFIG_KEY] = config
+    app[REGISTRY_KEY] = registry or make_registry(config)
+    extra = [(k, v) for k, values in config.headers.items() for v in values]
+
+    async def spec_headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[API_VERSION[0]] = API_VERSION[1]
+        for k, v in extra:
+            response.headers.add(k, v)
+
+    async def close_driver(app: web.Application) -> None:
+        await app[REGISTRY_KEY].driver.close()
+
+    app.on_response_prepare.append(spec_headers)
+    app.on_cleanup.append(close_driver)
+    # Order matters where patterns overlap: the most specific resources first.
+    for module in (base, catalog, uploads, blobs, manifests, tags, referrers):
+        module.setup_routes(app)
+    return app

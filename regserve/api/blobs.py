@@ -1,0 +1,89 @@
+"""GET, HEAD and DELETE /v2/<name>/blobs/<digest>."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from ..errors import BlobUnknown
+from ..reference import parse_digest
+from .common import registry, repository
+from .sendfile import send_file
+
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """(start, end inclusive) of a single-range request; None to serve the whole blob.
+    Raises ValueError when unsatisfiable."""
+    m = _RANGE_RE.fullmatch(header.strip())
+    if not m:
+        return None  # multiple or malformed ranges: RFC 9110 lets us ignore the header
+    first, last = m.groups()
+    if first == "" and last == "":
+        return None
+    if first == "":
+        length = int(last)
+        if length == 0:
+            raise ValueError("empty suffix range")
+        return max(size - length, 0), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if start >= size or end < start:
+        raise ValueError("unsatisfiable range")
+    return start, min(end, size - 1)
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    repo = repository(request)
+    d = parse_digest(request.match_info["digest"])
+    info = await repo.blobs.stat(d)
+    etag = f'"{d}"'
+    headers = {"Docker-Content-Digest": str(d), "ETag": etag, "Accept-Ranges": "bytes",
+               "Content-Type": "application/octet-stream",
+               "Cache-Control": "max-age=31536000"}
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    start, end, status = 0, info.size - 1, 200
+    range_header = request.headers.get("Range")
+    if range_header and request.headers.get("If-Range", etag) == etag:
+        try:
+            chosen = _byte_range(range_header, info.size)
+        except ValueError:
+            headers["Content-Range"] = f"bytes */{info.size}"
+            return web.Response(status=416, headers=headers)
+        if chosen is not None:
+            start, end = chosen
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{info.size}"
+    response = web.StreamResponse(status=status, headers=headers)
+    local = repo.blobs.store.local_path(info)
+    count = end - start + 1 if info.size else 0
+    if local is not None:
+        try:
+            return await send_file(request, response, local, start, count)
+        except FileNotFoundError:
+            repo.blobs.store.forget(d)
+            raise BlobUnknown({"digest": str(d)}) from None
+    response.content_length = count
+    await response.prepare(request)
+    if request.method != "HEAD":
+        async for chunk in repo.blobs.store.reader(info, start, count):
+            await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def delete_blob(request: web.Request) -> web.Response:
+    registry(request).check_deletable()
+    repo = repository(request)
+    d = parse_digest(request.match_info["digest"])
+    await repo.blobs.unlink(d)
+    return web.Response(status=202, headers={"Docker-Content-Digest": str(d), "Content-Length": "0"})
+
+
+def setup_routes(app: web.Application) -> None:
+    path = "/v2/{name:.+}/blobs/{digest:[^/]+}"
+    app.router.add_get(path, get_blob)  # also answers HEAD
+    app.router.add_delete(path, delete_blob)

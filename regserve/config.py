@@ -1,0 +1,268 @@
+"""distribution-compatible configuration: the same YAML keys and REGISTRY_* environment overrides.
+
+Every key distribution documents is accepted (so an existing config.yml loads); keys regserve does
+not act on are reported once at start. Unknown or ill-typed keys stop the start with the key's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+log = logging.getLogger("regserve.config")
+
+
+class ConfigError(Exception):
+    pass
+
+
+# Leaf types: "str", "int", "bool", "duration", "list", "map" (free-form). Nested dicts are sections.
+_S, _I, _B, _D, _L, _M = "str", "int", "bool", "duration", "list", "map"
+_DRIVERS = {
+    "filesystem": {"rootdirectory": _S, "maxthreads": _I},
+    "inmemory": _M, "s3": _M, "azure": _M, "gcs": _M, "swift": _M, "oss": _M,
+}
+SCHEMA: dict[str, Any] = {
+    "version": _S,
+    "loglevel": _S,
+    "log": {"level": _S, "formatter": _S, "fields": _M, "hooks": _L, "reportcaller": _B,
+            "accesslog": {"disabled": _B}},
+    "storage": {**_DRIVERS,
+                "delete": {"enabled": _B},
+                "cache": {"blobdescriptor": _S, "blobdescriptorsize": _I},
+                "redirect": {"disable": _B},
+                "tag": {"concurrencylimit": _I},
+                "maintenance": {"uploadpurging": {"enabled": _B, "age": _D, "interval": _D,
+                                                  "dryrun": _B},
+                                "readonly": {"enabled": _B}}},
+    "auth": {"htpasswd": {"realm": _S, "path": _S},
+             "token": {"realm": _S, "service": _S, "issuer": _S, "rootcertbundle": _S,
+                       "jwks": _S, "autoredirect": _B, "autoredirectpath": _S,
+                       "signingalgorithms": _L},
+             "silly": {"realm": _S, "service": _S}},
+    "middleware": _M,
+    "http": {"addr": _S, "net": _S, "host": _S, "prefix": _S, "secret": _S, "relativeurls": _B,
+             "draintimeout": _D, "headers": _M,
+             "tls": {"certificate": _S, "key": _S, "clientcas": _L, "clientauth": _S,
+                     "minimumtls": _S, "ciphersuites": _L, "letsencrypt": _M},
+             "debug": {"addr": _S, "prometheus": {"enabled": _B, "path": _S}, "pprof": _M},
+             "http2": {"disabled": _B}, "h2c": {"enabled": _B}},
+    "notifications": _M, "redis": _M, "health": _M, "proxy": _M, "validation": _M,
+    "compatibility": _M, "catalog": {"maxentries": _I},
+}
+# Keys regserve acts on; anything else that is set is reported as ignored.
+IMPLEMENTED = {
+    "version", "loglevel", "log.level", "log.formatter", "log.fields", "log.accesslog.disabled",
+    "storage.filesystem.rootdirectory", "storage.filesystem.maxthreads", "storage.delete.enabled",
+    "storage.maintenance.uploadpurging.enabled", "storage.maintenance.uploadpurging.age",
+    "storage.maintenance.uploadpurging.interval", "storage.maintenance.uploadpurging.dryrun",
+    "storage.maintenance.readonly.enabled", "storage.cache.blobdescriptor",
+    "storage.cache.blobdescriptorsize", "storage.redirect.disable", "http.addr", "http.net",
+    "http.host", "http.prefix", "http.secret", "http.relativeurls", "http.draintimeout",
+    "http.headers", "health", "catalog.maxentries",
+}
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Go duration syntax ("10s", "168h", "1h30m"); bare numbers are nanoseconds, as in Go."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value) * 1e-9
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "0":
+            return 0.0
+        parts = _DURATION_RE.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return sum(float(n) * _UNITS[u] for n, u in parts)
+    raise ConfigError(f"{key}: expected a duration such as 10s or 24h, got {value!r}")
+
+
+def _check(value: Any, kind: Any, key: str, seen: set[str]) -> Any:
+    if isinstance(kind, dict):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        out = {}
+        for k, v in value.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if not isinstance(k, str) or k.lower() not in kind:
+                raise ConfigError(f"unknown configuration key {sub!r}")
+            out[k.lower()] = _check(v, kind[k.lower()], sub, seen)
+        return out
+    seen.add(key)
+    if value is None:
+        return None
+    if kind == _S:
+        if isinstance(value, (dict, list, bool)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if kind == _I:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if kind == _B:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if kind == _D:
+        parse_duration(value, key)
+        return value
+    if kind == _L:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if kind == _M:
+        return value
+    raise AssertionError(kind)
+
+
+def _apply_env(doc: dict[str, Any], env: Mapping[str, str]) -> None:
+    """REGISTRY_SECTION_SUBSECTION_KEY=value, values parsed as YAML like distribution does."""
+    for name in sorted(env):
+        if not name.startswith("REGISTRY_") or name == "REGISTRY_CONFIGURATION_PATH":
+            continue
+        parts = name[len("REGISTRY_"):].lower().split("_")
+        value = yaml.safe_load(env[name]) if env[name] != "" else ""
+        if parts == ["storage"]:  # REGISTRY_STORAGE=<driver> selects the driver
+            storage = doc.setdefault("storage", {}) or {}
+            doc["storage"] = storage
+            for drv in _DRIVERS:
+                if drv != value:
+                    storage.pop(drv, None)
+            storage.setdefault(str(value), {})
+            continue
+        schema: Any = SCHEMA
+        node = doc
+        path: list[str] = []
+        ok = True
+        for i, part in enumerate(parts):
+            if schema == _M:  # free-form map: the rest of the name is the key
+                node[("_".join(parts[i:]))] = value
+                break
+            if not isinstance(schema, dict) or part not in schema:
+                ok = False
+                break
+            path.append(part)
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+                schema = schema[part]
+        if not ok:
+            log.warning("ignoring unrecognized environment variable %s", name)
+
+
+@dataclass
+class Config:
+    raw: dict[str, Any] = field(default_factory=dict)
+    log_level: str = "info"
+    access_log: bool = True
+    addr: str = "127.0.0.1:5000"
+    host: str | None = None
+    prefix: str = ""
+    secret: str | None = None
+    relative_urls: bool = False
+    drain_timeout: float = 0.0
+    headers: dict[str, list[str]] = field(default_factory=dict)
+    storage_driver: str = "filesystem"
+    storage_params: dict[str, Any] = field(default_factory=lambda: {"rootdirectory": "./data"})
+    delete_enabled: bool = False
+    readonly: bool = False
+    upload_purging: bool = True
+    upload_purge_age: float = 7 * 24 * 3600.0
+    upload_purge_interval: float = 24 * 3600.0
+    upload_purge_dryrun: bool = False
+    catalog_max_entries: int = 1000
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def rootdirectory(self) -> str | None:
+        return self.storage_params.get("rootdirectory") if self.storage_driver == "filesystem" else None
+
+
+def _get(doc: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = doc
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or node.get(part) is None:
+            return default
+        node = node[part]
+    return node
+
+
+def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """The configuration from `path` (or $REGISTRY_CONFIGURATION_PATH) and REGISTRY_* overrides.
+    Without a file: the embedded default, 127.0.0.1:5000 over ./data."""
+    env = os.environ if env is None else env
+    path = path or env.get("REGISTRY_CONFIGURATION_PATH") or None
+    if path is None:
+        doc: dict[str, Any] = {"version": "0.1", "http": {"addr": "127.0.0.1:5000"},
+                               "storage": {"filesystem": {"rootdirectory": "./data"}}}
+    else:
+        try:
+            with open(path) as f:
+                doc = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read configuration {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"configuration {path} is not valid YAML: {e}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"configuration {path} must be a mapping")
+    _apply_env(doc, env)
+    seen: set[str] = set()
+    doc = _check(doc, SCHEMA, "", seen)
+    if not doc.get("version"):
+        raise ConfigError("version: required (use version: 0.1)")
+    storage = doc.get("storage") or {}
+    drivers = [k for k in storage if k in _DRIVERS]
+    if len(drivers) != 1:
+        raise ConfigError("storage: exactly one storage driver must be configured "
+                          f"(found {', '.join(drivers) or 'none'})")
+    driver = drivers[0]
+    if driver != "filesystem":
+        raise ConfigError(f"storage.{driver}: this storage driver is not supported yet")
+
+    c = Config(raw=doc)
+    c.log_level = str(_get(doc, "log.level") or _get(doc, "loglevel") or "info").lower()
+    if c.log_level not in ("error", "warn", "info", "debug"):
+        raise ConfigError(f"log.level: expected error, warn, info or debug, got {c.log_level!r}")
+    c.access_log = not _get(doc, "log.accesslog.disabled", False)
+    c.addr = _get(doc, "http.addr", ":5000")
+    if _get(doc, "http.net", "tcp") != "tcp":
+        raise ConfigError("http.net: only tcp is supported")
+    c.host = _get(doc, "http.host")
+    c.prefix = (_get(doc, "http.prefix", "") or "").rstrip("/")
+    c.secret = _get(doc, "http.secret")
+    c.relative_urls = bool(_get(doc, "http.relativeurls", False))
+    c.drain_timeout = parse_duration(_get(doc, "http.draintimeout", 0), "http.draintimeout")
+    headers = _get(doc, "http.headers", {}) or {}
+    if not isinstance(headers, dict):
+        raise ConfigError("http.headers: expected a mapping of header to list of values")
+    c.headers = {str(k): [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in headers.items()}
+    c.storage_driver = driver
+    c.storage_params = dict(storage.get(driver) or {})
+    if driver == "filesystem":
+        c.storage_params.setdefault("rootdirectory", "/var/lib/registry")
+    c.delete_enabled = bool(_get(doc, "storage.delete.enabled", False))
+    c.readonly = bool(_get(doc, "storage.maintenance.readonly.enabled", False))
+    purge = "storage.maintenance.uploadpurging."
+    c.upload_purging = bool(_get(doc, purge + "enabled", True))
+    c.upload_purge_age = parse_duration(_get(doc, purge + "age", "168h"), purge + "age")
+    c.upload_purge_interval = parse_duration(_get(doc, purge + "interval", "24h"), purge + "interval")
+    c.upload_purge_dryrun = bool(_get(doc, purge + "dryrun", False))
+    c.catalog_max_entries = int(_get(doc, "catalog.maxentries", 1000))
+    c.ignored = sorted(k for k in seen if k and not any(
+        k == i or k.startswith(i + ".") for i in IMPLEMENTED) and _get(doc, k) is not None)
+    return c

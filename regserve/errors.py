@@ -1,0 +1,98 @@
+"""Registry errors, named by the spec's error codes. The HTTP layer maps them to statuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RegistryError(Exception):
+    code = "UNKNOWN"
+    message = "unknown error"
+
+    def __init__(self, detail: Any = None, message: str | None = None) -> None:
+        super().__init__(message or self.message)
+        self.detail = detail
+        if message:
+            self.message = message
+
+
+class BlobUnknown(RegistryError):
+    code, message = "BLOB_UNKNOWN", "blob unknown to registry"
+
+
+class BlobUploadInvalid(RegistryError):
+    code, message = "BLOB_UPLOAD_INVALID", "blob upload invalid"
+
+
+class UploadRangeInvalid(BlobUploadInvalid):
+    """A chunk that does not start at the session's current offset (HTTP 416)."""
+
+    message = "chunk out of order: the upload continues at the reported range"
+
+    def __init__(self, offset: int, detail: Any = None) -> None:
+        super().__init__(detail)
+        self.offset = offset
+
+
+class BlobUploadUnknown(RegistryError):
+    code, message = "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry"
+
+
+class DigestInvalid(RegistryError):
+    code, message = "DIGEST_INVALID", "provided digest did not match uploaded content"
+
+
+class ManifestBlobUnknown(RegistryError):
+    code, message = "MANIFEST_BLOB_UNKNOWN", "manifest references a manifest or blob unknown to registry"
+
+
+class ManifestInvalid(RegistryError):
+    code, message = "MANIFEST_INVALID", "manifest invalid"
+
+
+class ManifestTooBig(ManifestInvalid):
+    message = "manifest exceeds the size limit"
+
+
+class ManifestUnknown(RegistryError):
+    code, message = "MANIFEST_UNKNOWN", "manifest unknown to registry"
+
+
+class NameInvalid(RegistryError):
+    code, message = "NAME_INVALID", "invalid repository name"
+
+
+class NameUnknown(RegistryError):
+    code, message = "NAME_UNKNOWN", "repository name not known to registry"
+
+
+class SizeInvalid(RegistryError):
+    code, message = "SIZE_INVALID", "provided length did not match content length"
+
+
+class TagInvalid(RegistryError):
+    code, message = "TAG_INVALID", "manifest tag did not match URI"
+
+
+class Unsupported(RegistryError):
+    code, message = "UNSUPPORTED", "the operation is unsupported"
+
+
+class ReadOnly(Unsupported):
+    message = "the registry is in read-only mode"
+
+
+class PaginationInvalid(RegistryError):
+    code, message = "PAGINATION_NUMBER_INVALID", "invalid number of results requested"
+
+
+class Unauthorized(RegistryError):
+    code, message = "UNAUTHORIZED", "authentication required"
+
+
+class Denied(RegistryError):
+    code, message = "DENIED", "requested access to the resource is denied"
+
+
+class TooManyRequests(RegistryError):
+    code, message = "TOOMANYREQUESTS", "too many requests"

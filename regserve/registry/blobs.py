@@ -1,0 +1,136 @@
+"""Content-addressed blobs, and the per-repository links that make them visible."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from ..errors import BlobUnknown
+from ..reference import Digest
+from ..storage import PathNotFound, StorageDriver
+from . import paths
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: Digest
+    size: int
+    path: str  # storage path of the data
+
+
+class LRU(OrderedDict):
+    """A small bounded map for immutable lookups."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def get(self, key, default=None):  # type: ignore[override]
+        try:
+            self.move_to_end(key)
+            return self[key]
+        except KeyError:
+            return default
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+class BlobStore:
+    """The registry-wide store. A blob's bytes never change once committed, so its size is cached;
+    a deleted blob is caught when opening it fails and evicted then."""
+
+    def __init__(self, driver: StorageDriver) -> None:
+        self.driver = driver
+        self._sizes: LRU = LRU(100_000)
+
+    async def stat(self, d: Digest) -> BlobInfo:
+        path = paths.blob_data(d)
+        size = self._sizes.get(d)
+        if size is None:
+            try:
+                info = await self.driver.stat(path)
+            except PathNotFound:
+                raise BlobUnknown({"digest": str(d)}) from None
+            if info.is_dir:
+                raise BlobUnknown({"digest": str(d)})
+            size = info.size
+            self._sizes.put(d, size)
+        return BlobInfo(d, size, path)
+
+    def forget(self, d: Digest) -> None:
+        self._sizes.pop(d, None)
+
+    async def exists(self, d: Digest) -> bool:
+        try:
+            await self.stat(d)
+            return True
+        except BlobUnknown:
+            return False
+
+    async def put_small(self, d: Digest, data: bytes) -> None:
+        """Store a small blob (a manifest) whose digest the caller has computed."""
+        if not await self.exists(d):
+            await self.driver.put_content(paths.blob_data(d), data)
+            self._sizes.put(d, len(data))
+
+    async def adopt(self, source_path: str, d: Digest) -> None:
+        """Move a verified, fsynced upload into place. Racing commits of one digest all write
+        identical bytes, and the rename is atomic, so any winner is right."""
+        await self.driver.move(source_path, paths.blob_data(d))
+        self.forget(d)
+
+    def reader(self, info: BlobInfo, offset: int = 0,
+               length: int | None = None) -> AsyncIterator[bytes]:
+        return self.driver.reader(info.path, offset, length)
+
+    def local_path(self, info: BlobInfo) -> str | None:
+        return self.driver.local_path(info.path)
+
+    async def read_small(self, d: Digest) -> bytes:
+        try:
+            return await self.driver.get_content(paths.blob_data(d))
+        except PathNotFound:
+            self.forget(d)
+            raise BlobUnknown({"digest": str(d)}) from None
+
+
+class RepositoryBlobs:
+    """Blobs linked into one repository (pushed or mounted there)."""
+
+    def __init__(self, driver: StorageDriver, store: BlobStore, name: str) -> None:
+        self.driver, self.store, self.name = driver, store, name
+
+    async def is_linked(self, d: Digest) -> bool:
+        try:
+            await self.driver.stat(paths.layer_link(self.name, d))
+            return True
+        except PathNotFound:
+            return False
+
+    async def stat(self, d: Digest) -> BlobInfo:
+        if not await self.is_linked(d):
+            raise BlobUnknown({"digest": str(d)})
+        return await self.store.stat(d)
+
+    async def link(self, d: Digest) -> None:
+        await self.driver.put_content(paths.layer_link(self.name, d), str(d).encode())
+
+    async def unlink(self, d: Digest) -> None:
+        try:
+            await self.driver.delete(paths.layer_link(self.name, d).rsplit("/", 1)[0])
+        except PathNotFound:
+            raise BlobUnknown({"digest": str(d)}) from None
+
+    async def mount(self, d: Digest, source: "RepositoryBlobs") -> BlobInfo | None:
+        """Link a blob of `source` here; None when `source` does not have it."""
+        try:
+            info = await source.stat(d)
+        except BlobUnknown:
+            return None
+        await self.link(d)
+        return info

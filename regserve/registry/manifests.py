@@ -1,0 +1,337 @@
+"""Manifest parsing and validation, and the per-repository manifest, tag and referrer stores."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import (ManifestBlobUnknown, ManifestInvalid, ManifestTooBig, ManifestUnknown,
+                      NameUnknown)
+from ..reference import Digest, check_tag, is_digest, parse_digest
+from ..storage import PathNotFound, StorageDriver
+from . import paths
+from .blobs import LRU, BlobStore, RepositoryBlobs
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+SCHEMA1 = {"application/vnd.docker.distribution.manifest.v1+json",
+           "application/vnd.docker.distribution.manifest.v1+prettyjws"}
+IMAGE_TYPES = {OCI_MANIFEST, DOCKER_MANIFEST}
+INDEX_TYPES = {OCI_INDEX, DOCKER_LIST}
+MANIFEST_TYPES = IMAGE_TYPES | INDEX_TYPES
+MAX_MANIFEST_BYTES = 4 << 20
+# Layers a registry is not expected to hold (pulled from their `urls` instead).
+FOREIGN_LAYERS = {
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+}
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: Digest
+    size: int
+    urls: tuple[str, ...] = ()
+
+
+@dataclass
+class Manifest:
+    digest: Digest
+    media_type: str
+    payload: bytes
+    blobs: list[Descriptor] = field(default_factory=list)      # config and layers
+    manifests: list[Descriptor] = field(default_factory=list)  # children of an index
+    subject: Descriptor | None = None
+    artifact_type: str | None = None
+    annotations: dict[str, str] | None = None
+
+
+def compute_digest(payload: bytes, algorithm: str = "sha256") -> Digest:
+    return Digest(algorithm, hashlib.new(algorithm, payload).hexdigest())
+
+
+def _descriptor(value: Any, where: str) -> Descriptor:
+    if not isinstance(value, dict):
+        raise ManifestInvalid({"field": where}, f"{where}: descriptor must be an object")
+    media_type, digest, size = value.get("mediaType"), value.get("digest"), value.get("size")
+    if not isinstance(media_type, str) or not media_type:
+        raise ManifestInvalid({"field": where}, f"{where}: mediaType missing")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ManifestInvalid({"field": where}, f"{where}: size invalid")
+    if not isinstance(digest, str):
+        raise ManifestInvalid({"field": where}, f"{where}: digest missing")
+    try:
+        d = parse_digest(digest)
+    except Exception:
+        raise ManifestInvalid({"field": where, "digest": digest}, f"{where}: digest invalid") from None
+    urls = value.get("urls") or ()
+    return Descriptor(media_type, d, size, tuple(urls) if isinstance(urls, list) else ())
+
+
+def parse_manifest(payload: bytes, content_type: str | None, digest: Digest | None = None) -> Manifest:
+    """Validate a manifest as pushed; the stored bytes are `payload`, unchanged."""
+    if len(payload) > MAX_MANIFEST_BYTES:
+        raise ManifestTooBig({"size": len(payload), "limit": MAX_MANIFEST_BYTES})
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestInvalid({"reason": str(e)}, "manifest is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ManifestInvalid(None, "manifest must be a JSON object")
+    content_type = (content_type or "").split(";")[0].strip() or None
+    declared = doc.get("mediaType")
+    if content_type in SCHEMA1 or declared in SCHEMA1 or doc.get("schemaVersion") == 1:
+        raise ManifestInvalid({"mediaType": content_type or declared},
+                              "Docker schema1 manifests are not supported; push schema2 or OCI")
+    if doc.get("schemaVersion") != 2:
+        raise ManifestInvalid({"schemaVersion": doc.get("schemaVersion")}, "schemaVersion must be 2")
+    if declared is not None and not isinstance(declared, str):
+        raise ManifestInvalid(None, "mediaType must be a string")
+    if declared and content_type and declared != content_type:
+        raise ManifestInvalid({"mediaType": declared, "contentType": content_type},
+                              "manifest mediaType does not match Content-Type")
+    media_type = declared or content_type or (OCI_INDEX if "manifests" in doc else OCI_MANIFEST)
+    if media_type not in MANIFEST_TYPES:
+        raise ManifestInvalid({"mediaType": media_type}, f"unsupported manifest media type {media_type}")
+    if media_type in (DOCKER_MANIFEST, DOCKER_LIST) and not declared:
+        raise ManifestInvalid({"mediaType": media_type}, "Docker manifests must declare mediaType")
+
+    m = Manifest(digest or compute_digest(payload), media_type, payload)
+    if media_type in IMAGE_TYPES:
+        if "manifests" in doc:
+            raise ManifestInvalid(None, "an image manifest has no 'manifests'")
+        m.blobs.append(_descriptor(doc.get("config"), "config"))
+        layers = doc.get("layers", [])
+        if not isinstance(layers, list):
+            raise ManifestInvalid({"field": "layers"}, "layers must be an array")
+        m.blobs += [_descriptor(layer, f"layers[{i}]") for i, layer in enumerate(layers)]
+    else:
+        children = doc.get("manifests")
+        if not isinstance(children, list):
+            raise ManifestInvalid({"field": "manifests"}, "manifests must be an array")
+        m.manifests = [_descriptor(c, f"manifests[{i}]") for i, c in enumerate(children)]
+    if doc.get("subject") is not None:
+        m.subject = _descriptor(doc["subject"], "subject")
+    artifact_type = doc.get("artifactType")
+    if artifact_type is not None and not isinstance(artifact_type, str):
+        raise ManifestInvalid({"field": "artifactType"}, "artifactType must be a string")
+    config = doc.get("config")
+    if artifact_type is None and media_type == OCI_MANIFEST and isinstance(config, dict):
+        artifact_type = config.get("mediaType")
+    m.artifact_type = artifact_type
+    annotations = doc.get("annotations")
+    if annotations is not None and not isinstance(annotations, dict):
+        raise ManifestInvalid({"field": "annotations"}, "annotations must be an object")
+    m.annotations = annotations
+    return m
+
+
+def media_type_of(payload: bytes) -> str:
+    """The media type of stored bytes (validated when pushed)."""
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return OCI_MANIFEST
+    declared = doc.get("mediaType") if isinstance(doc, dict) else None
+    if isinstance(declared, str) and declared:
+        return declared
+    return OCI_INDEX if isinstance(doc, dict) and "manifests" in doc else OCI_MANIFEST
+
+
+class ManifestCache:
+    """Manifests by digest are immutable: keep the bytes and media type of recent ones."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._lru: LRU = LRU(capacity)
+
+    def get(self, d: Digest) -> tuple[bytes, str] | None:
+        return self._lru.get(d)
+
+    def put(self, d: Digest, payload: bytes, media_type: str) -> None:
+        if len(payload) <= 256 << 10:
+            self._lru.put(d, (payload, media_type))
+
+
+class Tags:
+    def __init__(self, driver: StorageDriver, name: str) -> None:
+        self.driver, self.name = driver, name
+
+    async def resolve(self, tag: str) -> Digest:
+        try:
+            link = await self.driver.get_content(paths.tag_current(self.name, tag))
+            return parse_digest(link.decode().strip())
+        except (PathNotFound, UnicodeDecodeError, Exception):
+            raise ManifestUnknown({"tag": tag}) from None
+
+    async def tag(self, tag: str, d: Digest) -> None:
+        link = str(d).encode()
+        await self.driver.put_content(paths.tag_index_link(self.name, tag, d), link)
+        await self.driver.put_content(paths.tag_current(self.name, tag), link)
+
+    async def untag(self, tag: str) -> None:
+        try:
+            await self.driver.delete(paths.tag_dir(self.name, tag))
+        except PathNotFound:
+            raise ManifestUnknown({"tag": tag}) from None
+
+    async def all(self) -> list[str]:
+        try:
+            entries = await self.driver.list(paths.tags(self.name))
+        except PathNotFound:
+            if not await self._repo_exists():
+                raise NameUnknown({"name": self.name}) from None
+            return []
+        return sorted(e.rsplit("/", 1)[1] for e in entries)
+
+    async def _repo_exists(self) -> bool:
+        try:
+            await self.driver.stat(paths.repo(self.name))
+            return True
+        except PathNotFound:
+            return False
+
+    async def pointing_to(self, d: Digest) -> list[str]:
+        found = []
+        try:
+            names = await self.all()
+        except NameUnknown:
+            return []
+        for tag in names:
+            try:
+                if await self.resolve(tag) == d:
+                    found.append(tag)
+            except ManifestUnknown:
+                continue
+        return found
+
+
+class Manifests:
+    def __init__(self, driver: StorageDriver, store: BlobStore, blobs: RepositoryBlobs,
+                 tags: Tags, cache: ManifestCache, name: str) -> None:
+        self.driver, self.store, self.blobs, self.tags = driver, store, blobs, tags
+        self.cache, self.name = cache, name
+
+    async def resolve(self, reference: str) -> Digest:
+        if is_digest(reference):
+            d = parse_digest(reference)
+        else:
+            d = await self.tags.resolve(check_tag(reference))
+        try:
+            await self.driver.stat(paths.revision_link(self.name, d))
+        except PathNotFound:
+            raise ManifestUnknown({"reference": reference}) from None
+        return d
+
+    async def get(self, reference: str) -> tuple[Digest, bytes, str]:
+        d = await self.resolve(reference)
+        cached = self.cache.get(d)
+        if cached is not None:
+            return d, cached[0], cached[1]
+        try:
+            payload = await self.store.read_small(d)
+        except Exception:
+            raise ManifestUnknown({"reference": reference}) from None
+        media_type = media_type_of(payload)
+        self.cache.put(d, payload, media_type)
+        return d, payload, media_type
+
+    async def put(self, reference: str, payload: bytes, content_type: str | None) -> Manifest:
+        if is_digest(reference):
+            expected = parse_digest(reference)
+            actual = compute_digest(payload, expected.algorithm)
+            if actual != expected:
+                from ..errors import DigestInvalid
+                raise DigestInvalid({"expected": str(expected), "actual": str(actual)},
+                                    "manifest digest did not match the reference")
+            tag = None
+        else:
+            tag = check_tag(reference)
+            expected = None
+        m = parse_manifest(payload, content_type, expected)
+        await self._check_references(m)
+        await self.store.put_small(m.digest, payload)
+        await self.driver.put_content(paths.revision_link(self.name, m.digest), str(m.digest).encode())
+        if m.subject is not None:
+            await self.driver.put_content(paths.referrer_link(self.name, m.subject.digest, m.digest),
+                                          str(m.digest).encode())
+        if tag is not None:
+            await self.tags.tag(tag, m.digest)
+        self.cache.put(m.digest, payload, m.media_type)
+        return m
+
+    async def _check_references(self, m: Manifest) -> None:
+        missing = []
+        for desc in m.blobs:
+            if desc.media_type in FOREIGN_LAYERS or desc.urls:
+                continue
+            if not await self.blobs.is_linked(desc.digest) or not await self.store.exists(desc.digest):
+                missing.append(str(desc.digest))
+        for desc in m.manifests:
+            try:
+                await self.driver.stat(paths.revision_link(self.name, desc.digest))
+            except PathNotFound:
+                missing.append(str(desc.digest))
+        if missing:
+            raise ManifestBlobUnknown({"digests": missing})
+
+    async def delete(self, reference: str) -> None:
+        """By tag: remove the tag. By digest: remove the revision and every tag pointing to it."""
+        if not is_digest(reference):
+            await self.tags.untag(check_tag(reference))
+            return
+        d = await self.resolve(reference)
+        for tag in await self.tags.pointing_to(d):
+            try:
+                await self.tags.untag(tag)
+            except ManifestUnknown:
+                pass
+        try:
+            payload = (await self.get(reference))[1]
+            subject = parse_manifest(payload, None, d).subject
+        except Exception:
+            subject = None
+        await self.driver.delete(paths.revision_link(self.name, d).rsplit("/", 1)[0])
+        if subject is not None:
+            try:
+                await self.driver.delete(
+                    paths.referrer_link(self.name, subject.digest, d).rsplit("/", 1)[0])
+            except PathNotFound:
+                pass
+
+    async def referrers(self, subject: Digest, artifact_type: str | None) -> list[dict[str, Any]]:
+        """Descriptors of the manifests whose subject is `subject`, by digest order."""
+        found: list[dict[str, Any]] = []
+        base = paths.referrers(self.name, subject)
+        try:
+            algorithms = await self.driver.list(base)
+        except PathNotFound:
+            return found
+        for alg_dir in algorithms:
+            try:
+                entries = await self.driver.list(alg_dir)
+            except PathNotFound:
+                continue
+            for entry in sorted(entries):
+                ref = f"{alg_dir.rsplit('/', 1)[1]}:{entry.rsplit('/', 1)[1]}"
+                try:
+                    d, payload, _ = await self.get(ref)
+                    m = parse_manifest(payload, None, d)
+                except Exception:
+                    continue  # deleted since, or not ours
+                if artifact_type is not None and m.artifact_type != artifact_type:
+                    continue
+                desc: dict[str, Any] = {"mediaType": m.media_type, "digest": str(d),
+                                        "size": len(payload)}
+                if m.artifact_type:
+                    desc["artifactType"] = m.artifact_type
+                if m.annotations:
+                    desc["annotations"] = m.annotations
+                found.append(desc)
+        return found

@@ -1,0 +1,245 @@
+"""Resumable upload sessions whose whole state lives in storage.
+
+A session is distribution's `_uploads/<id>/` directory: `data` (the bytes so far), `startedat`,
+and `hashstates/<alg>/<offset>` (the digest state after `offset` bytes, in Go's format). Any
+process that shares the storage can continue a session: it restores the newest hash state at or
+below the data's size and hashes only the bytes after it. Bytes are hashed and written as they
+arrive, hashing and writing in two threads while the event loop reads the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterable
+
+from .. import hashstate
+from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, UploadRangeInvalid
+from ..reference import Digest
+from ..storage import FileWriter, PathNotFound, StorageDriver, WriterBusy
+from . import paths
+from .blobs import BlobInfo, BlobStore, RepositoryBlobs
+
+UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+BATCH_BYTES = 4 << 20            # handed to the hash/write threads at a time
+CHECKPOINT_BYTES = 256 << 20     # hash state saved this often within one long request
+_hash_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hash")
+
+
+@dataclass(frozen=True)
+class ChunkRange:
+    start: int
+    end: int  # inclusive
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+
+def _hash_batch(hashers: list[hashstate.Hasher], batch: list[bytes]) -> None:
+    for h in hashers:
+        for chunk in batch:
+            h.update(chunk)
+
+
+class UploadSession:
+    def __init__(self, uploads: "Uploads", upload_id: str, started_at: str) -> None:
+        self.uploads = uploads
+        self.id = upload_id
+        self.started_at = started_at
+        self.name = uploads.name
+        self.driver = uploads.driver
+        self.data_path = paths.upload_data(self.name, upload_id)
+
+    async def size(self) -> int:
+        try:
+            return (await self.driver.stat(self.data_path)).size
+        except PathNotFound:
+            return 0
+
+    async def _open(self) -> FileWriter:
+        try:
+            return await self.driver.writer(self.data_path, append=True)
+        except WriterBusy:
+            raise BlobUploadInvalid({"upload": self.id},
+                                    "another request is writing to this upload") from None
+
+    # -- hash state -------------------------------------------------------------------------
+
+    async def _algorithms(self) -> list[str]:
+        try:
+            found = [p.rsplit("/", 1)[1] for p in await self.driver.list(
+                f"{paths.upload_dir(self.name, self.id)}/hashstates")]
+        except PathNotFound:
+            found = []
+        return sorted(a for a in found if a in ("sha256", "sha512")) or ["sha256"]
+
+    async def _saved_states(self, algorithm: str) -> list[int]:
+        try:
+            entries = await self.driver.list(paths.upload_hashstates(self.name, self.id, algorithm))
+        except PathNotFound:
+            return []
+        return sorted(int(p.rsplit("/", 1)[1]) for p in entries if p.rsplit("/", 1)[1].isdigit())
+
+    async def _resume_hashers(self, size: int) -> list[hashstate.Hasher]:
+        """Hashers positioned at `size`: from the newest usable saved state, then the gap."""
+        hashers = []
+        for algorithm in await self._algorithms():
+            hasher = hashstate.Hasher(algorithm)
+            for offset in reversed(await self._saved_states(algorithm)):
+                if offset > size or not hasher.resumable:
+                    continue
+                try:
+                    state = await self.driver.get_content(
+                        f"{paths.upload_hashstates(self.name, self.id, algorithm)}/{offset}")
+                    hasher = hashstate.Hasher.restore(algorithm, state)
+                    break
+                except (PathNotFound, ValueError):
+                    continue
+            await self._hash_stored(hasher, hasher.length, size)
+            hashers.append(hasher)
+        return hashers
+
+    async def _hash_stored(self, hasher: hashstate.Hasher, start: int, end: int) -> None:
+        if end <= start:
+            return
+        loop = asyncio.get_running_loop()
+        async for chunk in self.driver.reader(self.data_path, start, end - start, 8 << 20):
+            await loop.run_in_executor(_hash_pool, hasher.update, chunk)
+
+    async def _save_states(self, hashers: list[hashstate.Hasher]) -> None:
+        for h in hashers:
+            if not h.resumable:
+                continue
+            base = paths.upload_hashstates(self.name, self.id, h.algorithm)
+            old = await self._saved_states(h.algorithm)
+            await self.driver.put_content(f"{base}/{h.length}", h.save())
+            for offset in old:
+                if offset != h.length:
+                    try:
+                        await self.driver.delete(f"{base}/{offset}")
+                    except PathNotFound:
+                        pass
+
+    # -- data -------------------------------------------------------------------------------
+
+    async def append(self, body: AsyncIterator[bytes], chunk: ChunkRange | None = None) -> int:
+        """Stream a request body onto the session; returns the new size. Whatever arrives before
+        a disconnect is kept (and its hash state saved), so the client can resume from there."""
+        writer = await self._open()
+        try:
+            if chunk is not None and chunk.start != writer.size:
+                raise UploadRangeInvalid(writer.size, {"expected_start": writer.size,
+                                                       "content_range_start": chunk.start})
+            hashers = await self._resume_hashers(writer.size)
+            await self._stream(writer, hashers, body)
+            return writer.size
+        finally:
+            await writer.close()
+
+    async def _stream(self, writer: FileWriter, hashers: list[hashstate.Hasher],
+                      body: AsyncIterator[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        batch: list[bytes] = []
+        batched = 0
+        pending: asyncio.Future | None = None
+        since_checkpoint = 0
+
+        async def flush(parts: list[bytes]) -> None:
+            await asyncio.gather(loop.run_in_executor(_hash_pool, _hash_batch, hashers, parts),
+                                 writer.write(parts))
+
+        try:
+            async for data in body:
+                if not data:
+                    continue
+                batch.append(data)
+                batched += len(data)
+                if batched >= BATCH_BYTES:
+                    if pending is not None:
+                        await pending
+                    since_checkpoint += batched
+                    pending = asyncio.ensure_future(flush(batch))
+                    batch, batched = [], 0
+                    if since_checkpoint >= CHECKPOINT_BYTES:
+                        await pending
+                        pending = None
+                        await self._save_states(hashers)
+                        since_checkpoint = 0
+        finally:
+            # Runs on success and on a dropped connection alike: keep every byte that arrived.
+            async def settle() -> None:
+                if pending is not None:
+                    await pending
+                if batch:
+                    await flush(batch)
+                await self._save_states(hashers)
+            await asyncio.shield(settle())
+
+    async def finish(self, digest: Digest, body: AsyncIterator[bytes] | None,
+                     chunk: ChunkRange | None, blobs: RepositoryBlobs) -> BlobInfo:
+        """Append an optional last chunk, verify the digest and commit the blob atomically."""
+        writer = await self._open()
+        try:
+            if chunk is not None and chunk.start != writer.size:
+                raise UploadRangeInvalid(writer.size, {"expected_start": writer.size,
+                                                       "content_range_start": chunk.start})
+            hashers = await self._resume_hashers(writer.size)
+            if body is not None:
+                await self._stream(writer, hashers, body)
+            actual = await self._digest_of(hashers, digest.algorithm, writer.size)
+            if actual != digest.hex:
+                await writer.close()
+                await self.cancel()
+                raise DigestInvalid({"expected": str(digest), "actual": f"{digest.algorithm}:{actual}"})
+            await writer.commit()  # fsync before the blob becomes visible
+            size = writer.size
+        finally:
+            await writer.close()
+        store = self.uploads.store
+        if not await store.exists(digest):
+            await store.adopt(self.data_path, digest)
+        await blobs.link(digest)
+        await self.cancel()
+        return BlobInfo(digest, size, paths.blob_data(digest))
+
+    async def _digest_of(self, hashers: list[hashstate.Hasher], algorithm: str, size: int) -> str:
+        for h in hashers:
+            if h.algorithm == algorithm:
+                return h.hexdigest()
+        hasher = hashstate.Hasher(algorithm)  # not tracked incrementally: read it back once
+        await self._hash_stored(hasher, 0, size)
+        return hasher.hexdigest()
+
+    async def cancel(self) -> None:
+        try:
+            await self.driver.delete(paths.upload_dir(self.name, self.id))
+        except PathNotFound:
+            pass
+
+
+class Uploads:
+    def __init__(self, driver: StorageDriver, store: BlobStore, name: str) -> None:
+        self.driver, self.store, self.name = driver, store, name
+
+    async def create(self, algorithms: Iterable[str] = ("sha256",)) -> UploadSession:
+        upload_id = str(uuid.uuid4())
+        started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        await self.driver.put_content(paths.upload_startedat(self.name, upload_id), started.encode())
+        session = UploadSession(self, upload_id, started)
+        empty = [hashstate.Hasher(a) for a in algorithms]
+        await session._save_states(empty)
+        return session
+
+    async def open(self, upload_id: str) -> UploadSession:
+        if not UPLOAD_ID_RE.fullmatch(upload_id):
+            raise BlobUploadUnknown({"upload": upload_id})
+        try:
+            started = await self.driver.get_content(paths.upload_startedat(self.name, upload_id))
+        except PathNotFound:
+            raise BlobUploadUnknown({"upload": upload_id}) from None
+        return UploadSession(self, upload_id, started.decode(errors="replace").strip())

@@ -1,0 +1,140 @@
+"""Running the server: sockets, uvloop, worker processes, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import sys
+
+from aiohttp import web
+
+from .api.app import make_app, make_registry
+from .config import Config
+
+log = logging.getLogger("regserve")
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """distribution's http.addr: "host:port", ":port" (every interface) or "[v6]:port"."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"http.addr: expected host:port, got {addr!r}")
+    host = host.strip("[]")
+    return host or "0.0.0.0", int(port)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def setup_logging(config: Config) -> None:
+    level = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
+             "debug": logging.DEBUG}[config.log_level]
+    fields = " ".join(f"{k}={v}" for k, v in (config.raw.get("log", {}).get("fields") or {}).items())
+    fmt = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s" + (f" {fields}" if fields else "")
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    if not config.access_log:
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+async def _purge_loop(app: web.Application, config: Config) -> None:
+    from .api.common import REGISTRY_KEY
+    await asyncio.sleep(random.uniform(60, 300))  # spread the work of several replicas
+    while True:
+        try:
+            purged = await app[REGISTRY_KEY].purge_uploads(config.upload_purge_age,
+                                                           config.upload_purge_dryrun)
+            if purged:
+                log.info("purged %d stale uploads%s", len(purged),
+                         " (dry run)" if config.upload_purge_dryrun else "")
+        except Exception:
+            log.exception("upload purge failed")
+        await asyncio.sleep(max(config.upload_purge_interval, 60))
+
+
+async def serve(config: Config, sock: socket.socket, purge: bool = True) -> None:
+    app = make_app(config, make_registry(config))
+    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
+                           handler_cancellation=False, read_bufsize=1 << 20)
+    await runner.setup()
+    site = web.SockSite(runner, sock, shutdown_timeout=config.drain_timeout or 5.0)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    purger = asyncio.ensure_future(_purge_loop(app, config)) if purge and config.upload_purging else None
+    await stop.wait()
+    if purger:
+        purger.cancel()
+    await runner.cleanup()
+
+
+def _run_loop(config: Config, sock: socket.socket, purge: bool) -> None:
+    try:
+        import uvloop
+        uvloop.run(serve(config, sock, purge))
+    except ImportError:
+        asyncio.run(serve(config, sock, purge))
+
+
+def _worker(config: Config, host: str, port: int, index: int) -> None:
+    setup_logging(config)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    sock = listen_socket(host, port)
+    _run_loop(config, sock, purge=index == 0)
+
+
+def run(config: Config, workers: int = 1) -> None:
+    setup_logging(config)
+    host, port = parse_addr(config.addr)
+    sock = listen_socket(host, port)
+    port = sock.getsockname()[1]
+    root = config.rootdirectory
+    log.info("regserve listening on %s:%d (storage: %s%s, workers: %d)", host, port,
+             config.storage_driver, f" {os.path.abspath(root)}" if root else "", workers)
+    for key in config.ignored:
+        log.warning("configuration key %s is accepted but not used by regserve", key)
+    sys.stderr.flush()
+    if workers <= 1:
+        _run_loop(config, sock, purge=True)
+        return
+    # Each worker binds its own SO_REUSEPORT socket; the kernel spreads connections. The parent's
+    # socket holds the port until every worker listens, then is closed.
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_worker, args=(config, host, port, i), daemon=False)
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    import time
+    time.sleep(0.5)
+    sock.close()
+    while any(p.is_alive() for p in procs):
+        for p in procs:
+            p.join(timeout=0.5)
+            if not stopping and p.exitcode not in (None, 0):
+                log.error("worker %d exited with %s; stopping", p.pid, p.exitcode)
+                stop(signal.SIGTERM, None)

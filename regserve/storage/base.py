@@ -1,0 +1,90 @@
+"""The storage driver interface: object-store semantics, no in-place edits.
+
+Paths are absolute, '/'-separated, as distribution's drivers use them ("/docker/registry/v2/...").
+A driver never sees HTTP, and the registry layer never sees the filesystem or S3 directly.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
+
+
+class PathNotFound(Exception):
+    def __init__(self, path: str) -> None:
+        super().__init__(f"path not found: {path}")
+        self.path = path
+
+
+class WriterBusy(Exception):
+    """Another request is writing to the same upload right now."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    size: int
+    mtime: float
+    is_dir: bool
+
+
+class FileWriter(abc.ABC):
+    """A streaming writer. `close()` keeps what was written so a later writer can append to it;
+    `commit()` makes it durable; `cancel()` removes it."""
+
+    size: int
+
+    @abc.abstractmethod
+    async def write(self, chunks: Sequence[bytes]) -> None: ...
+
+    @abc.abstractmethod
+    async def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    async def cancel(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class StorageDriver(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def get_content(self, path: str) -> bytes:
+        """A small object's bytes (links, manifests, state files)."""
+
+    @abc.abstractmethod
+    async def put_content(self, path: str, data: bytes) -> None:
+        """Replace an object atomically and durably."""
+
+    @abc.abstractmethod
+    def reader(self, path: str, offset: int = 0, length: int | None = None,
+               chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        """Stream `length` bytes (or to the end) from `offset`."""
+
+    @abc.abstractmethod
+    async def writer(self, path: str, append: bool = False) -> FileWriter: ...
+
+    @abc.abstractmethod
+    async def stat(self, path: str) -> FileInfo: ...
+
+    @abc.abstractmethod
+    async def list(self, path: str) -> list[str]:
+        """Full paths of the direct children of a directory/prefix."""
+
+    @abc.abstractmethod
+    async def move(self, source: str, dest: str) -> None:
+        """Atomically replace `dest` with `source`."""
+
+    @abc.abstractmethod
+    async def delete(self, path: str) -> None:
+        """Remove an object or everything under a prefix."""
+
+    def local_path(self, path: str) -> str | None:
+        """A filesystem path to serve the object with sendfile, where the driver has one."""
+        return None
+
+    async def close(self) -> None:
+        """Release resources (connections, threads)."""
