@@ -1,0 +1,146 @@
+"""Shared fixtures: an in-process app for API tests, and real server processes on free ports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from regserve import config as config_mod
+from regserve.api import make_app
+
+ROOT = Path(__file__).resolve().parent.parent
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def make_config(root: Path, **overrides: Any) -> config_mod.Config:
+    env = {"REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(root)}
+    env.update({k: str(v) for k, v in overrides.items()})
+    return config_mod.load(None, env)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def app_factory(data_dir: Path):
+    def factory(**overrides: Any):
+        overrides.setdefault("REGISTRY_STORAGE_DELETE_ENABLED", "true")
+        overrides.setdefault("REGISTRY_HTTP_RELATIVEURLS", "true")
+        return make_app(make_config(data_dir, **overrides))
+    return factory
+
+
+@pytest.fixture
+async def client(aiohttp_client, app_factory):
+    return await aiohttp_client(app_factory())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A real `regserve serve` process on a free loopback port, stopped by its own PID."""
+
+    def __init__(self, data: Path, env: dict[str, str] | None = None, workers: int = 1,
+                 config_file: Path | None = None, log: Path | None = None) -> None:
+        self.data, self.port = data, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log or data.parent / f"server-{self.port}.log"
+        full_env = dict(os.environ)
+        full_env.update({"REGISTRY_HTTP_ADDR": f"127.0.0.1:{self.port}",
+                         "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(data),
+                         "REGISTRY_STORAGE_DELETE_ENABLED": "true",
+                         "REGISTRY_LOG_ACCESSLOG_DISABLED": "true"})
+        full_env.update(env or {})
+        args = [sys.executable, "-m", "regserve", "serve"]
+        if config_file:
+            args.append(str(config_file))
+        args += ["--workers", str(workers)]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(args, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=str(data.parent))
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url + "/v2/", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator:
+    servers: list[ServerProcess] = []
+
+    def factory(data: Path | None = None, **kwargs: Any) -> ServerProcess:
+        d = data or tmp_path / "data"
+        d.mkdir(exist_ok=True)
+        s = ServerProcess(d, **kwargs)
+        servers.append(s)
+        return s
+
+    yield factory
+    for s in servers:
+        s.stop()
+
+
+def http(method: str, url: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A blocking request for tests against real processes."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def image_manifest(config_digest: str, config_size: int, layers: list[tuple[str, int]],
+                   **extra: Any) -> bytes:
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                      "digest": config_digest, "size": config_size},
+           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d,
+                       "size": s} for d, s in layers]}
+    doc.update(extra)
+    return json.dumps(doc).encode()

@@ -1,0 +1,107 @@
+"""GET/HEAD/DELETE of blobs, Range requests and the sendfile path."""
+
+import os
+
+import pytest
+
+from .conftest import digest_of
+
+BIG = os.urandom(3 << 20)      # large enough for the sendfile path
+BIG_DIGEST = digest_of(BIG)
+
+
+@pytest.fixture
+async def pushed(client):
+    r = await client.post(f"/v2/foo/blobs/uploads/?digest={BIG_DIGEST}", data=BIG)
+    assert r.status == 201
+    return client
+
+
+async def test_get_blob_headers_and_body(pushed):
+    r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}")
+    assert r.status == 200
+    assert r.headers["Content-Length"] == str(len(BIG))
+    assert r.headers["Docker-Content-Digest"] == BIG_DIGEST
+    assert r.headers["ETag"] == f'"{BIG_DIGEST}"'
+    assert r.headers["Accept-Ranges"] == "bytes"
+    assert await r.read() == BIG
+
+
+async def test_head_blob(pushed):
+    r = await pushed.head(f"/v2/foo/blobs/{BIG_DIGEST}")
+    assert r.status == 200
+    assert r.headers["Content-Length"] == str(len(BIG))
+    assert r.headers["Docker-Content-Digest"] == BIG_DIGEST
+    assert await r.read() == b""
+
+
+@pytest.mark.parametrize("header,start,end", [
+    ("bytes=0-0", 0, 0),
+    ("bytes=100-199", 100, 199),
+    ("bytes=1048576-", 1 << 20, len(BIG) - 1),
+    ("bytes=-1000", len(BIG) - 1000, len(BIG) - 1),
+    ("bytes=5-99999999", 5, len(BIG) - 1),
+])
+async def test_range_requests(pushed, header, start, end):
+    r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}", headers={"Range": header})
+    assert r.status == 206
+    assert r.headers["Content-Range"] == f"bytes {start}-{end}/{len(BIG)}"
+    assert await r.read() == BIG[start:end + 1]
+
+
+@pytest.mark.parametrize("header", [f"bytes={len(BIG)}-", f"bytes={len(BIG) + 5}-{len(BIG) + 10}", "bytes=-0"])
+async def test_unsatisfiable_range(pushed, header):
+    r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}", headers={"Range": header})
+    assert r.status == 416
+    assert r.headers["Content-Range"] == f"bytes */{len(BIG)}"
+
+
+async def test_if_range_mismatch_serves_whole_blob(pushed):
+    r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}",
+                         headers={"Range": "bytes=0-9", "If-Range": '"sha256:other"'})
+    assert r.status == 200 and len(await r.read()) == len(BIG)
+
+
+async def test_if_none_match(pushed):
+    r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}", headers={"If-None-Match": f'"{BIG_DIGEST}"'})
+    assert r.status == 304
+
+
+async def test_unknown_blob(client):
+    r = await client.get(f"/v2/foo/blobs/{digest_of(b'missing')}")
+    assert r.status == 404
+    assert (await r.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+    r = await client.head(f"/v2/foo/blobs/{digest_of(b'missing')}")
+    assert r.status == 404
+
+
+async def test_invalid_digest_in_path(client):
+    r = await client.get("/v2/foo/blobs/sha256:nothex")
+    assert r.status == 400
+    assert (await r.json())["errors"][0]["code"] == "DIGEST_INVALID"
+
+
+async def test_delete_blob(pushed):
+    r = await pushed.delete(f"/v2/foo/blobs/{BIG_DIGEST}")
+    assert r.status == 202
+    assert (await pushed.head(f"/v2/foo/blobs/{BIG_DIGEST}")).status == 404
+    r = await pushed.delete(f"/v2/foo/blobs/{BIG_DIGEST}")
+    assert r.status == 404
+    assert (await r.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+async def test_delete_disabled(aiohttp_client, app_factory):
+    c = await aiohttp_client(app_factory(REGISTRY_STORAGE_DELETE_ENABLED="false"))
+    await c.post(f"/v2/foo/blobs/uploads/?digest={BIG_DIGEST}", data=BIG)
+    r = await c.delete(f"/v2/foo/blobs/{BIG_DIGEST}")
+    assert r.status == 405
+    assert (await r.json())["errors"][0]["code"] == "UNSUPPORTED"
+    assert (await c.head(f"/v2/foo/blobs/{BIG_DIGEST}")).status == 200
+
+
+async def test_blob_removed_from_disk_is_unknown(pushed, data_dir):
+    hexd = BIG_DIGEST.split(":")[1]
+    await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}")  # warm the size cache
+    os.unlink(data_dir / f"docker/registry/v2/blobs/sha256/{hexd[:2]}/{hexd}/data")
+    r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}")
+    assert r.status == 404

@@ -1,0 +1,256 @@
+"""Blob uploads: monolithic, POST+PUT, chunked, streamed, status, cancel, mount, digest checks."""
+
+import os
+
+import pytest
+
+from .conftest import digest_of
+
+BLOB = os.urandom(200_000)
+DIGEST = digest_of(BLOB)
+
+
+async def start(client, name="foo/bar"):
+    r = await client.post(f"/v2/{name}/blobs/uploads/")
+    assert r.status == 202, await r.text()
+    return r
+
+
+def err_code(body):
+    return body["errors"][0]["code"]
+
+
+async def test_monolithic_post(client):
+    r = await client.post(f"/v2/foo/blobs/uploads/?digest={DIGEST}", data=BLOB,
+                          headers={"Content-Type": "application/octet-stream"})
+    assert r.status == 201
+    assert r.headers["Location"] == f"/v2/foo/blobs/{DIGEST}"
+    assert r.headers["Docker-Content-Digest"] == DIGEST
+    r = await client.get(f"/v2/foo/blobs/{DIGEST}")
+    assert r.status == 200 and await r.read() == BLOB
+
+
+async def test_monolithic_post_sha512(client):
+    d = digest_of(BLOB, "sha512")
+    r = await client.post(f"/v2/foo/blobs/uploads/?digest={d}", data=BLOB)
+    assert r.status == 201
+    r = await client.get(f"/v2/foo/blobs/{d}")
+    assert r.status == 200 and await r.read() == BLOB
+
+
+async def test_monolithic_post_wrong_digest_commits_nothing(client, data_dir):
+    wrong = digest_of(b"something else")
+    r = await client.post(f"/v2/foo/blobs/uploads/?digest={wrong}", data=BLOB)
+    assert r.status == 400
+    assert err_code(await r.json()) == "DIGEST_INVALID"
+    assert (await client.head(f"/v2/foo/blobs/{wrong}")).status == 404
+    assert (await client.head(f"/v2/foo/blobs/{DIGEST}")).status == 404
+    uploads = data_dir / "docker/registry/v2/repositories/foo/_uploads"
+    assert not uploads.exists() or not list(uploads.iterdir())
+
+
+async def test_post_then_put_with_body(client):
+    r = await start(client)
+    assert r.headers["Range"] == "0-0"
+    assert r.headers["Docker-Upload-UUID"]
+    assert int(r.headers["OCI-Chunk-Min-Length"]) > 0
+    loc = r.headers["Location"]
+    r = await client.put(f"{loc}?digest={DIGEST}", data=BLOB)
+    assert r.status == 201
+    assert r.headers["Docker-Content-Digest"] == DIGEST
+    assert (await client.head(f"/v2/foo/bar/blobs/{DIGEST}")).status == 200
+
+
+async def test_chunked_upload_with_content_range(client):
+    loc = (await start(client)).headers["Location"]
+    r = await client.patch(loc, data=BLOB[:1000], headers={"Content-Range": "0-999"})
+    assert r.status == 202
+    assert r.headers["Range"] == "0-999"
+    loc = r.headers["Location"]
+    # oras sends the range without a unit; others use "bytes=".
+    r = await client.patch(loc, data=BLOB[1000:5000], headers={"Content-Range": "bytes=1000-4999"})
+    assert r.status == 202 and r.headers["Range"] == "0-4999"
+    r = await client.put(f"{loc}?digest={DIGEST}", data=BLOB[5000:],
+                         headers={"Content-Range": f"5000-{len(BLOB) - 1}"})
+    assert r.status == 201
+    r = await client.get(f"/v2/foo/bar/blobs/{DIGEST}")
+    assert await r.read() == BLOB
+
+
+async def test_out_of_order_chunk_is_416_with_current_range(client):
+    loc = (await start(client)).headers["Location"]
+    r = await client.patch(loc, data=BLOB[10:20], headers={"Content-Range": "10-19"})
+    assert r.status == 416
+    assert r.headers["Range"] == "0-0"
+    assert err_code(await r.json()) == "BLOB_UPLOAD_INVALID"
+    r = await client.patch(loc, data=BLOB[:10], headers={"Content-Range": "0-9"})
+    assert r.status == 202
+    r = await client.patch(loc, data=BLOB[:10], headers={"Content-Range": "0-9"})  # repeated
+    assert r.status == 416 and r.headers["Range"] == "0-9"
+
+
+async def test_content_length_must_match_content_range(client):
+    loc = (await start(client)).headers["Location"]
+    r = await client.patch(loc, data=BLOB[:10], headers={"Content-Range": "0-19"})
+    assert r.status == 416
+
+
+async def test_malformed_content_range(client):
+    loc = (await start(client)).headers["Location"]
+    r = await client.patch(loc, data=b"abc", headers={"Content-Range": "zero-to-two"})
+    assert r.status == 400
+    assert err_code(await r.json()) == "BLOB_UPLOAD_INVALID"
+
+
+async def test_streamed_patch_without_content_range(client):
+    loc = (await start(client)).headers["Location"]
+
+    async def gen():
+        for i in range(0, len(BLOB), 7000):
+            yield BLOB[i:i + 7000]
+
+    r = await client.patch(loc, data=gen())  # chunked transfer encoding, like docker
+    assert r.status == 202
+    assert r.headers["Range"] == f"0-{len(BLOB) - 1}"
+    r = await client.put(f"{r.headers['Location']}?digest={DIGEST}")
+    assert r.status == 201
+
+
+async def test_put_with_sha512_digest_after_chunks(client):
+    loc = (await start(client)).headers["Location"]
+    await client.patch(loc, data=BLOB)
+    d = digest_of(BLOB, "sha512")
+    r = await client.put(f"{loc}?digest={d}")
+    assert r.status == 201
+    assert (await client.head(f"/v2/foo/bar/blobs/{d}")).status == 200
+
+
+async def test_status_of_upload(client):
+    r = await start(client)
+    loc, uuid = r.headers["Location"], r.headers["Docker-Upload-UUID"]
+    await client.patch(loc, data=BLOB[:1234])
+    r = await client.get(loc)
+    assert r.status == 204
+    assert r.headers["Range"] == "0-1233"
+    assert r.headers["Docker-Upload-UUID"] == uuid
+    assert r.headers["Location"].endswith(uuid)
+
+
+async def test_cancel_upload(client):
+    loc = (await start(client)).headers["Location"]
+    r = await client.delete(loc)
+    assert r.status == 204
+    r = await client.get(loc)
+    assert r.status == 404
+    assert err_code(await r.json()) == "BLOB_UPLOAD_UNKNOWN"
+    assert (await client.delete(loc)).status == 404
+
+
+@pytest.mark.parametrize("upload_id", ["nonexistent", "a..b", "-leading", "x" * 200])
+async def test_unknown_upload(client, upload_id):
+    r = await client.patch(f"/v2/foo/blobs/uploads/{upload_id}", data=b"x")
+    assert r.status in (404,)
+    assert err_code(await r.json()) == "BLOB_UPLOAD_UNKNOWN"
+
+
+async def test_put_wrong_digest_is_invalid_and_cancels(client):
+    loc = (await start(client)).headers["Location"]
+    await client.patch(loc, data=BLOB)
+    r = await client.put(f"{loc}?digest={digest_of(b'nope')}")
+    assert r.status == 400
+    assert err_code(await r.json()) == "DIGEST_INVALID"
+    assert (await client.get(loc)).status == 404
+
+
+async def test_put_without_digest(client):
+    loc = (await start(client)).headers["Location"]
+    r = await client.put(loc, data=BLOB)
+    assert r.status == 400
+    assert err_code(await r.json()) == "DIGEST_INVALID"
+
+
+@pytest.mark.parametrize("bad", ["sha256:xyz", "sha256", "notadigest", "sha256:" + "A" * 64])
+async def test_malformed_digest(client, bad):
+    r = await client.post(f"/v2/foo/blobs/uploads/?digest={bad}", data=b"x")
+    assert r.status == 400
+    assert err_code(await r.json()) == "DIGEST_INVALID"
+
+
+async def test_unsupported_digest_algorithm(client):
+    r = await client.post("/v2/foo/blobs/uploads/?digest=md5:" + "0" * 32, data=b"x")
+    assert r.status == 405 or r.status == 400
+    assert err_code(await r.json()) in ("UNSUPPORTED", "DIGEST_INVALID")
+
+
+@pytest.mark.parametrize("name", ["UPPER", "a//b", "-a", "a-", "a/.b", "a__-b", "x" * 256])
+async def test_invalid_names(client, name):
+    r = await client.post(f"/v2/{name}/blobs/uploads/")
+    assert r.status in (400, 404)
+    if r.status == 400:
+        assert err_code(await r.json()) == "NAME_INVALID"
+
+
+async def test_cross_repository_mount(client):
+    await client.post(f"/v2/src/blobs/uploads/?digest={DIGEST}", data=BLOB)
+    r = await client.post(f"/v2/dst/blobs/uploads/?mount={DIGEST}&from=src")
+    assert r.status == 201
+    assert r.headers["Location"] == f"/v2/dst/blobs/{DIGEST}"
+    assert r.headers["Docker-Content-Digest"] == DIGEST
+    assert (await client.get(f"/v2/dst/blobs/{DIGEST}")).status == 200
+
+
+async def test_mount_of_missing_blob_starts_an_upload(client):
+    r = await client.post(f"/v2/dst/blobs/uploads/?mount={DIGEST}&from=src")
+    assert r.status == 202
+    assert "/v2/dst/blobs/uploads/" in r.headers["Location"]
+
+
+async def test_mount_without_from_starts_an_upload(client):
+    await client.post(f"/v2/src/blobs/uploads/?digest={DIGEST}", data=BLOB)
+    r = await client.post(f"/v2/dst/blobs/uploads/?mount={DIGEST}")
+    assert r.status == 202
+
+
+async def test_mount_from_repo_without_blob_does_not_leak(client):
+    """A blob stored for one repository is not mountable from a repository that lacks it."""
+    await client.post(f"/v2/src/blobs/uploads/?digest={DIGEST}", data=BLOB)
+    r = await client.post(f"/v2/dst/blobs/uploads/?mount={DIGEST}&from=other")
+    assert r.status == 202
+    assert (await client.head(f"/v2/dst/blobs/{DIGEST}")).status == 404
+
+
+async def test_blob_visible_only_where_pushed(client):
+    await client.post(f"/v2/a/blobs/uploads/?digest={DIGEST}", data=BLOB)
+    assert (await client.head(f"/v2/a/blobs/{DIGEST}")).status == 200
+    r = await client.get(f"/v2/b/blobs/{DIGEST}")
+    assert r.status == 404
+    assert err_code(await r.json()) == "BLOB_UNKNOWN"
+
+
+async def test_empty_blob(client):
+    d = digest_of(b"")
+    r = await client.post(f"/v2/foo/blobs/uploads/?digest={d}", data=b"")
+    assert r.status == 201
+    r = await client.get(f"/v2/foo/blobs/{d}")
+    assert r.status == 200 and await r.read() == b""
+
+
+async def test_concurrent_pushes_of_one_blob(client):
+    import asyncio
+
+    async def push():
+        loc = (await start(client, "race")).headers["Location"]
+        r = await client.patch(loc, data=BLOB)
+        r = await client.put(f"{r.headers['Location']}?digest={DIGEST}")
+        return r.status
+
+    assert await asyncio.gather(*[push() for _ in range(8)]) == [201] * 8
+    r = await client.get(f"/v2/race/blobs/{DIGEST}")
+    assert await r.read() == BLOB
+
+
+async def test_readonly_mode_refuses_writes(aiohttp_client, app_factory):
+    c = await aiohttp_client(app_factory(REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED="true"))
+    r = await c.post("/v2/foo/blobs/uploads/")
+    assert r.status == 405
+    assert err_code(await r.json()) == "UNSUPPORTED"

@@ -1,0 +1,147 @@
+"""Configuration: distribution's keys, REGISTRY_* overrides, clear errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from regserve import config
+from regserve.config import ConfigError, load, parse_duration
+
+SEED_CONFIG = """\
+version: 0.1
+log:
+  fields:
+    service: registry
+storage:
+  cache:
+    blobdescriptor: inmemory
+  filesystem:
+    rootdirectory: /var/lib/registry
+http:
+  addr: :5000
+  headers:
+    X-Content-Type-Options: [nosniff]
+auth:
+  htpasswd:
+    realm: basic-realm
+    path: /auth/htpasswd
+health:
+  storagedriver:
+    enabled: true
+    interval: 10s
+    threshold: 3
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "config.yml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_embedded_default():
+    c = load(None, {})
+    assert c.addr == "127.0.0.1:5000"
+    assert c.storage_driver == "filesystem" and c.rootdirectory == "./data"
+    assert not c.delete_enabled and not c.readonly
+
+
+def test_registry_3_image_config_loads(tmp_path):
+    c = load(write(tmp_path, SEED_CONFIG), {})
+    assert c.addr == ":5000"
+    assert c.rootdirectory == "/var/lib/registry"
+    assert c.headers == {"X-Content-Type-Options": ["nosniff"]}
+
+
+def test_env_overrides(tmp_path):
+    c = load(write(tmp_path, SEED_CONFIG), {
+        "REGISTRY_HTTP_ADDR": "127.0.0.1:6000",
+        "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": "/srv/data",
+        "REGISTRY_STORAGE_DELETE_ENABLED": "true",
+        "REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED": "true",
+        "REGISTRY_LOG_LEVEL": "debug",
+        "REGISTRY_HTTP_SECRET": "s3cret",
+        "REGISTRY_HTTP_HOST": "https://registry.example.com",
+        "REGISTRY_PORT": "tcp://10.0.0.1:5000",  # Kubernetes service links: ignored with a warning
+    })
+    assert c.addr == "127.0.0.1:6000"
+    assert c.rootdirectory == "/srv/data"
+    assert c.delete_enabled and c.readonly
+    assert c.log_level == "debug" and c.secret == "s3cret"
+    assert c.host == "https://registry.example.com"
+
+
+def test_configuration_path_env(tmp_path):
+    path = write(tmp_path, "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: /x\n")
+    assert load(None, {"REGISTRY_CONFIGURATION_PATH": path}).rootdirectory == "/x"
+
+
+def test_storage_driver_selected_by_env(tmp_path):
+    c = load(write(tmp_path, "version: 0.1\nstorage:\n  inmemory: {}\n"),
+             {"REGISTRY_STORAGE": "filesystem", "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": "/y"})
+    assert c.storage_driver == "filesystem" and c.rootdirectory == "/y"
+
+
+@pytest.mark.parametrize("text,key", [
+    ("version: 0.1\nhttp:\n  adr: :5000\n", "http.adr"),
+    ("version: 0.1\nstorage:\n  filesystem:\n    rootdir: /x\n", "storage.filesystem.rootdir"),
+    ("version: 0.1\nbogus: 1\n", "bogus"),
+    ("version: 0.1\nstorage:\n  delete:\n    enabled: maybe\n", "storage.delete.enabled"),
+    ("version: 0.1\nhttp:\n  draintimeout: soon\n", "http.draintimeout"),
+    ("version: 0.1\nstorage:\n  filesystem:\n    maxthreads: many\n", "storage.filesystem.maxthreads"),
+    ("version: 0.1\nhttp: [1, 2]\n", "http"),
+])
+def test_bad_keys_are_named(tmp_path, text, key):
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, text), {})
+    assert key in str(e.value)
+
+
+def test_ill_typed_env_override_is_named(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load(None, {"REGISTRY_STORAGE_DELETE_ENABLED": "sometimes"})
+    assert "storage.delete.enabled" in str(e.value)
+
+
+def test_version_required(tmp_path):
+    with pytest.raises(ConfigError, match="version"):
+        load(write(tmp_path, "http:\n  addr: :5000\n"), {})
+
+
+def test_two_drivers_refused(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one"):
+        load(write(tmp_path, "version: 0.1\nstorage:\n  filesystem: {}\n  inmemory: {}\n"), {})
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(str(tmp_path / "missing.yml"), {})
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(write(tmp_path, "version: [\n"), {})
+
+
+def test_ignored_keys_are_reported(tmp_path):
+    c = load(write(tmp_path, SEED_CONFIG), {})
+    assert "storage.filesystem.rootdirectory" not in c.ignored
+    assert "auth.htpasswd.path" in c.ignored or "auth.htpasswd.realm" in c.ignored
+
+
+@pytest.mark.parametrize("text,seconds", [("10s", 10), ("168h", 168 * 3600), ("1h30m", 5400),
+                                          ("500ms", 0.5), ("0", 0)])
+def test_durations(text, seconds):
+    assert parse_duration(text, "k") == pytest.approx(seconds)
+
+
+def test_cli_reports_bad_key_and_exits(tmp_path):
+    path = write(tmp_path, "version: 0.1\nhttp:\n  adr: :5000\n")
+    r = subprocess.run([sys.executable, "-m", "regserve", "serve", path], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2
+    assert "http.adr" in r.stderr
+
+
+def test_schema_knows_the_documented_top_level_sections():
+    for section in ("version", "log", "storage", "auth", "middleware", "http", "notifications",
+                    "redis", "health", "proxy", "validation"):
+        assert section in config.SCHEMA
