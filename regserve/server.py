@@ -10,6 +10,7 @@ import random
 import signal
 import socket
 import sys
+import time
 
 from aiohttp import web
 
@@ -28,13 +29,14 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int, listen: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    if listen:
+        sock.listen(1024)
     sock.setblocking(False)
     return sock
 
@@ -90,7 +92,8 @@ def _run_loop(config: Config, sock: socket.socket, purge: bool) -> None:
         asyncio.run(serve(config, sock, purge))
 
 
-def _worker(config: Config, host: str, port: int, index: int) -> None:
+def _worker(config: Config, host: str, port: int, index: int, reserved: socket.socket) -> None:
+    reserved.close()  # inherited from the parent; it must not linger in the SO_REUSEPORT group
     setup_logging(config)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     sock = listen_socket(host, port)
@@ -100,7 +103,9 @@ def _worker(config: Config, host: str, port: int, index: int) -> None:
 def run(config: Config, workers: int = 1) -> None:
     setup_logging(config)
     host, port = parse_addr(config.addr)
-    sock = listen_socket(host, port)
+    # Bound, not yet listening: it reserves the port (and resolves port 0). Only listening
+    # sockets receive connections, so with workers it never takes any.
+    sock = listen_socket(host, port, listen=False)
     port = sock.getsockname()[1]
     root = config.rootdirectory
     log.info("regserve listening on %s:%d (storage: %s%s, workers: %d)", host, port,
@@ -109,12 +114,13 @@ def run(config: Config, workers: int = 1) -> None:
         log.warning("configuration key %s is accepted but not used by regserve", key)
     sys.stderr.flush()
     if workers <= 1:
+        sock.listen(1024)
         _run_loop(config, sock, purge=True)
         return
     # Each worker binds its own SO_REUSEPORT socket; the kernel spreads connections. The parent's
     # socket holds the port until every worker listens, then is closed.
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(config, host, port, i), daemon=False)
+    procs = [ctx.Process(target=_worker, args=(config, host, port, i, sock), daemon=False)
              for i in range(workers)]
     for p in procs:
         p.start()
@@ -129,7 +135,6 @@ def run(config: Config, workers: int = 1) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    import time
     time.sleep(0.5)
     sock.close()
     while any(p.is_alive() for p in procs):
