@@ -144,3 +144,14 @@ def image_manifest(config_digest: str, config_size: int, layers: list[tuple[str,
                        "size": s} for d, s in layers]}
     doc.update(extra)
     return json.dumps(doc).encode()
+
+
+def require_tool(name: str, why: str) -> str:
+    """The path of an external tool; skip when it is absent, except in CI where it must be there."""
+    import shutil
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("REGSERVE_REQUIRE_E2E"):
+            pytest.fail(f"{name} is required in CI ({why}) but is not installed")
+        pytest.skip(f"{name} is not installed here ({why}); .ci/run installs it")
+    return path

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, http
+from .conftest import ROOT, http, require_tool
 from .oci_layout import build_image, build_index
 
-pytestmark = pytest.mark.skipif(shutil.which("skopeo") is None,
-                                reason="skopeo is not installed here (.ci/run installs it)")
+
+
+@pytest.fixture(autouse=True)
+def _skopeo_present():
+    require_tool("skopeo", "real client for end-to-end tests")
 
 
 def skopeo(*args: str) -> str:

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from .conftest import OCI_MANIFEST, digest_of, free_port, http, image_manifest
+from .conftest import OCI_MANIFEST, digest_of, free_port, http, image_manifest, require_tool
 
 CONFIG = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
 LAYER = os.urandom(3 << 20)
@@ -127,8 +127,7 @@ http: {{addr: 127.0.0.1:{self.port}, secret: test-secret}}
 
 @pytest.fixture
 def distribution(tmp_path):
-    if not shutil.which("docker-registry"):
-        pytest.skip("docker-registry (CNCF distribution) is not installed; .ci/run installs it")
+    require_tool("docker-registry", "CNCF distribution, the layout reference")
     started = []
 
     def start(data: Path) -> Distribution:
