@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import (ManifestBlobUnknown, ManifestInvalid, ManifestTooBig, ManifestUnknown,
                       NameUnknown)
-from ..reference import Digest, check_tag, is_digest, parse_digest
+from ..reference import TAG_RE, Digest, check_tag, is_digest, parse_digest
 from ..storage import PathNotFound, StorageDriver
 from . import paths
 from .blobs import LRU, BlobStore, RepositoryBlobs
@@ -219,10 +219,14 @@ class Manifests:
         self.cache, self.name = cache, name
 
     async def resolve(self, reference: str) -> Digest:
+        """The digest a reference names in this repository. A tag that cannot exist (bad
+        grammar) is simply unknown: GET/HEAD/DELETE answer 404, only PUT says TAG_INVALID."""
         if is_digest(reference):
             d = parse_digest(reference)
+        elif not TAG_RE.fullmatch(reference):
+            raise ManifestUnknown({"reference": reference})
         else:
-            d = await self.tags.resolve(check_tag(reference))
+            d = await self.tags.resolve(reference)
         try:
             await self.driver.stat(paths.revision_link(self.name, d))
         except PathNotFound:
@@ -284,7 +288,9 @@ class Manifests:
     async def delete(self, reference: str) -> None:
         """By tag: remove the tag. By digest: remove the revision and every tag pointing to it."""
         if not is_digest(reference):
-            await self.tags.untag(check_tag(reference))
+            if not TAG_RE.fullmatch(reference):
+                raise ManifestUnknown({"reference": reference})
+            await self.tags.untag(reference)
             return
         d = await self.resolve(reference)
         for tag in await self.tags.pointing_to(d):
