@@ -254,3 +254,17 @@ async def test_readonly_mode_refuses_writes(aiohttp_client, app_factory):
     r = await c.post("/v2/foo/blobs/uploads/")
     assert r.status == 405
     assert err_code(await r.json()) == "UNSUPPORTED"
+
+
+async def test_repush_after_blob_removed_by_another_process(client, data_dir):
+    """The size cache must not make a commit skip writing a blob that was removed behind our back
+    (garbage-collect, another replica)."""
+    import shutil
+    await client.post(f"/v2/foo/blobs/uploads/?digest={DIGEST}", data=BLOB)
+    assert (await client.head(f"/v2/foo/blobs/{DIGEST}")).status == 200  # now cached
+    hexd = DIGEST.split(":")[1]
+    shutil.rmtree(data_dir / f"docker/registry/v2/blobs/sha256/{hexd[:2]}/{hexd}")
+    r = await client.post(f"/v2/foo/blobs/uploads/?digest={DIGEST}", data=BLOB)
+    assert r.status == 201
+    r = await client.get(f"/v2/foo/blobs/{DIGEST}")
+    assert r.status == 200 and await r.read() == BLOB

@@ -48,9 +48,11 @@ class BlobStore:
         self.driver = driver
         self._sizes: LRU = LRU(100_000)
 
-    async def stat(self, d: Digest) -> BlobInfo:
+    async def stat(self, d: Digest, fresh: bool = False) -> BlobInfo:
+        """Size and path of a blob. `fresh` bypasses the cache: writers must not trust it, since
+        another process (a replica, garbage-collect) may have removed the blob meanwhile."""
         path = paths.blob_data(d)
-        size = self._sizes.get(d)
+        size = None if fresh else self._sizes.get(d)
         if size is None:
             try:
                 info = await self.driver.stat(path)
@@ -65,9 +67,9 @@ class BlobStore:
     def forget(self, d: Digest) -> None:
         self._sizes.pop(d, None)
 
-    async def exists(self, d: Digest) -> bool:
+    async def exists(self, d: Digest, fresh: bool = True) -> bool:
         try:
-            await self.stat(d)
+            await self.stat(d, fresh)
             return True
         except BlobUnknown:
             return False
