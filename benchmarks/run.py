@@ -1,0 +1,297 @@
+"""The harness: start both servers, run every scenario A/B/B/A, report medians and ratios.
+
+    python -m benchmarks                 # the full run, writes benchmarks/RESULTS.md
+    python -m benchmarks --quick         # small sizes, a smoke run
+    python -m benchmarks --calibrate     # the client against the null server
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import scenarios as sc
+from .scenarios import MIB, BlobFile
+from .servers import Distribution, NullServer, Regserve, Server
+
+HERE = Path(__file__).resolve().parent
+# For each figure: True when higher is better. Ratios are always regserve / reference.
+HIGHER_IS_BETTER = {"MiB/s": True, "blobs/s": True, "req/s": True, "p50_ms": False, "p99_ms": False,
+                    "seconds": False, "cpu_%": False, "peak_rss_MiB": False, "kept_MiB": True}
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().rstrip("B").rstrip("I")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def sha256_rate() -> float:
+    """Single-core SHA-256 MiB/s (hashlib, the same OpenSSL code regserve drives)."""
+    buf = os.urandom(64 * MIB)
+    h = hashlib.sha256()
+    start = time.perf_counter()
+    for _ in range(8):
+        h.update(buf)
+    return 512 / (time.perf_counter() - start)
+
+
+def disk_rates(workdir: Path) -> dict:
+    """Durable write (write + fdatasync) and cold-ish read of 1 GiB on the benchmark disk."""
+    path = workdir / "disk-probe"
+    buf = os.urandom(4 * MIB)
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    for _ in range(256):
+        os.write(fd, buf)
+    os.fdatasync(fd)
+    os.close(fd)
+    write = 1024 / (time.perf_counter() - start)
+    os.unlink(path)
+    return {"write_fdatasync_MiB/s": write}
+
+
+def machine(workdir: Path) -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_GiB": round(mem, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "sha256_single_core_MiB/s": round(sha256_rate()), **{k: round(v) for k, v in disk_rates(workdir).items()}}
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = Path(args.workdir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = []
+        self.out = open(self.work / "results.jsonl", "w")
+
+    def measure(self, scenario: str, server: Server, fn: Callable[[], dict], round_: int) -> dict:
+        server.reset_peak_rss()
+        cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+        figures = fn()
+        wall = time.perf_counter() - t0
+        figures["cpu_%"] = 100 * (server.cpu_seconds() - cpu0) / wall
+        figures["peak_rss_MiB"] = server.peak_rss_mib()
+        rec = {"scenario": scenario, "server": server.name, "round": round_, **figures}
+        self.records.append(rec)
+        self.out.write(json.dumps(rec) + "\n")
+        self.out.flush()
+        print(json.dumps(rec), flush=True)
+        return rec
+
+    def abba(self, scenario: str, servers: list[Server], fn: Callable[[Server], dict],
+             rounds: int, warmup: bool = False) -> None:
+        """Rounds alternate the order: A B, B A, A B, ... so drift hits both alike."""
+        if warmup:
+            for s in servers:
+                fn(s)
+        for r in range(rounds):
+            order = servers if r % 2 == 0 else list(reversed(servers))
+            for s in order:
+                self.measure(scenario, s, lambda s=s: fn(s), r)
+
+
+def summarise(records: list[dict], names: tuple[str, str]) -> list[dict]:
+    out = []
+    for scenario in dict.fromkeys(r["scenario"] for r in records):
+        rows = [r for r in records if r["scenario"] == scenario]
+        figures = [k for k in rows[0] if k not in ("scenario", "server", "round")]
+        summary = {"scenario": scenario}
+        for fig in figures:
+            per = {}
+            for name in names:
+                vals = [r[fig] for r in rows if r["server"] == name and isinstance(r.get(fig), (int, float))
+                        and not isinstance(r.get(fig), bool)]
+                flags = [r[fig] for r in rows if r["server"] == name and isinstance(r.get(fig), bool)]
+                if vals:
+                    per[name] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+                elif flags:
+                    per[name] = {"all": all(flags)}
+            if len(per) == 2 and all("median" in v for v in per.values()) and per[names[1]]["median"]:
+                per["ratio"] = per[names[0]]["median"] / per[names[1]]["median"]
+            summary[fig] = per
+        out.append(summary)
+    return out
+
+
+def fmt(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}"
+
+
+def table(summaries: list[dict], names: tuple[str, str]) -> str:
+    lines = [f"| scenario | figure | {names[0]} median (min–max) | {names[1]} median (min–max) | ratio |",
+             "| --- | --- | --- | --- | --- |"]
+    for s in summaries:
+        for fig, per in s.items():
+            if fig == "scenario":
+                continue
+            cells = []
+            for name in names:
+                v = per.get(name, {})
+                if "median" in v:
+                    cells.append(f"{fmt(v['median'])} ({fmt(v['min'])}–{fmt(v['max'])})")
+                elif "all" in v:
+                    cells.append("yes" if v["all"] else "no")
+                else:
+                    cells.append("–")
+            ratio = f"{per['ratio']:.2f}×" if "ratio" in per else "–"
+            lines.append(f"| {s['scenario']} | {fig} | {cells[0]} | {cells[1]} | {ratio} |")
+    return "\n".join(lines)
+
+
+def run_suite(h: Harness, servers: list[Server], blobs: dict, args: argparse.Namespace) -> None:
+    rounds = args.rounds
+    sizes = [parse_size(x) for x in args.sizes.split(",")]
+    chunk = parse_size(args.chunk)
+    wanted = set(args.scenarios.split(",")) if args.scenarios else None
+
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted or name.split("[")[0] in wanted
+
+    for size in sizes:
+        blob = blobs[size]
+        label = f"{size // MIB}MiB" if size < (1 << 30) else f"{size >> 30}GiB"
+        if want("push_large"):
+            h.abba(f"push_large[{label}]", servers, lambda s: sc.push_large(s, blob), rounds, warmup=True)
+            h.abba(f"push_large[{label},chunk={args.chunk}]", servers,
+                   lambda s: sc.push_large(s, blob, chunk), rounds)
+        if want("pull_large"):
+            for s in servers:  # make sure it is there to pull
+                sc.push_large(s, blob)
+            h.abba(f"pull_large[{label}]", servers, lambda s: sc.pull_large(s, blob), rounds)
+    mid = blobs["mid"]
+    if want("pull_concurrent") or want("range_get"):
+        for s in servers:
+            sc.push_large(s, mid, repo="bench/mid")
+    if want("pull_concurrent"):
+        h.abba(f"pull_concurrent[{args.clients}x{mid.size // MIB}MiB]", servers,
+               lambda s: sc.pull_concurrent(s, mid, args.clients), rounds)
+    if want("push_many_small"):
+        counter = {"i": 0}
+
+        def small(s: Server) -> dict:
+            counter["i"] += 1
+            f = BlobFile.create(h.work / "blobs" / f"small-{counter['i']}.bin", args.small_count * 4096)
+            return sc.push_many_small(s, f, args.small_count, 4096, 32)
+
+        h.abba(f"push_many_small[{args.small_count}x4KiB,c=32]", servers, small, rounds)
+    if want("manifest_ops"):
+        for s in servers:
+            sc.prepare_manifest(s)
+        for method in ("HEAD", "GET"):
+            h.abba(f"manifest_ops[{method},c=64]", servers,
+                   lambda s, m=method: sc.manifest_ops(s, m, args.manifest_count, 64), rounds, warmup=True)
+    if want("range_get"):
+        h.abba("range_get[1MiB,c=16]", servers, lambda s: sc.range_get(s, mid, args.range_count, 16), rounds)
+    if want("resume"):
+        h.abba(f"resume[{mid.size // MIB}MiB]", servers, lambda s: sc.resume(s, mid, cut=False), rounds)
+        h.abba(f"resume_cut[{mid.size // MIB}MiB]", servers, lambda s: sc.resume(s, mid, cut=True), rounds)
+
+
+def write_results(path: Path, info: dict, summaries: list[dict], names: tuple[str, str],
+                  args: argparse.Namespace, ref_version: str) -> None:
+    sha = info["sha256_single_core_MiB/s"]
+    pushes = [s for s in summaries if s["scenario"].startswith("push_large[") and "chunk" not in s["scenario"]]
+    share = "\n".join(f"- {s['scenario']}: regserve {fmt(s['MiB/s'][names[0]]['median'])} MiB/s = "
+                      f"{100 * s['MiB/s'][names[0]]['median'] / sha:.0f}% of single-core SHA-256 ({sha} MiB/s)"
+                      for s in pushes if names[0] in s.get("MiB/s", {}))
+    text = f"""# Benchmark results
+
+Generated by `{' '.join(['python -m benchmarks'] + sys.argv[1:])}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.
+regserve ({args.workers} worker{'s' if args.workers != 1 else ''}) against {ref_version}, same client,
+same disk, no auth, access log off; rounds alternate A/B/B/A ({args.rounds} samples per server and
+scenario). Ratios are regserve / reference of the medians (for latency, CPU and RSS lower is better).
+
+## Machine
+
+| | |
+| --- | --- |
+""" + "\n".join(f"| {k} | {v} |" for k, v in info.items()) + f"""
+
+## Figures
+
+{table(summaries, names)}
+
+## Hashing budget
+
+{share or '(push_large not run)'}
+"""
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1G", help="push_large/pull_large sizes, e.g. 1G,4G")
+    p.add_argument("--chunk", default="64M", help="Content-Range chunk size for the chunked push")
+    p.add_argument("--mid-size", default="256M", help="blob for pull_concurrent, range_get, resume")
+    p.add_argument("--clients", type=int, default=16, help="pull_concurrent clients")
+    p.add_argument("--small-count", type=int, default=2000)
+    p.add_argument("--manifest-count", type=int, default=20000, help="requests per manifest_ops run")
+    p.add_argument("--range-count", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=4, help="samples per server (order alternates)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="regserve --workers")
+    p.add_argument("--scenarios", default="", help="comma-separated subset")
+    p.add_argument("--quick", action="store_true", help="small sizes and counts: a smoke run")
+    p.add_argument("--calibrate", action="store_true", help="measure the client against the null server")
+    p.add_argument("--workdir", default=str(HERE / "work"))
+    p.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.mid_size, args.chunk = "64M", "32M", "8M"
+        args.small_count, args.manifest_count, args.range_count, args.rounds = 200, 2000, 100, 2
+
+    h = Harness(args)
+    info = machine(h.work)
+    print(json.dumps({"machine": info}), flush=True)
+    sizes = [parse_size(x) for x in args.sizes.split(",")]
+    blobs: dict = {s: BlobFile.create(h.work / "blobs" / f"large-{s}.bin", s) for s in sizes}
+    blobs["mid"] = BlobFile.create(h.work / "blobs" / "mid.bin", parse_size(args.mid_size))
+
+    if args.calibrate:
+        null = NullServer(h.work / "null", blobs[sizes[0]].path)
+        servers: list[Server] = [null]
+    else:
+        servers = [Regserve(h.work / "regserve", args.workers), Distribution(h.work / "distribution")]
+    for s in servers:
+        (s.workdir).mkdir(parents=True, exist_ok=True)
+    try:
+        for s in servers:
+            s.start()
+        if args.calibrate:
+            blob = blobs[sizes[0]]
+            for name, fn in (("push_large", lambda: sc.push_large(servers[0], blob)),
+                             ("pull_large", lambda: sc.pull_large(servers[0], blob)),
+                             ("manifest_ops[GET,c=64]",
+                              lambda: sc.manifest_ops(servers[0], "GET", args.manifest_count, 64))):
+                for r in range(args.rounds):
+                    h.measure(name, servers[0], fn, r)
+            return 0
+        run_suite(h, servers, blobs, args)
+    finally:
+        for s in servers:
+            s.stop()
+    names = (servers[0].name, servers[1].name)
+    summaries = summarise(h.records, names)
+    for s in summaries:
+        print(json.dumps({"summary": s}), flush=True)
+    print(table(summaries, names))
+    write_results(Path(args.results), info, summaries, names, args, servers[1].version())
+    return 0

@@ -1,0 +1,263 @@
+"""The scenarios. Each takes a server and the shared blob files, does its work through the HTTP
+API only, and returns its figures; the harness adds server CPU% and peak RSS around it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .client import AsyncConnection, BlockingConnection, HTTPError, hammer, location_path, with_query
+from .servers import Server
+
+MIB = 1 << 20
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@dataclass
+class BlobFile:
+    path: Path
+    size: int
+    digest: str
+
+    @classmethod
+    def create(cls, path: Path, size: int) -> "BlobFile":
+        """Random bytes written once to disk in 8 MiB steps (never held whole in memory)."""
+        sidecar = path.with_suffix(".digest")
+        if path.exists() and path.stat().st_size == size and sidecar.exists():
+            return cls(path, size, sidecar.read_text().strip())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        with open(path, "wb") as f:
+            left = size
+            while left:
+                chunk = os.urandom(min(8 * MIB, left))
+                h.update(chunk)
+                f.write(chunk)
+                left -= len(chunk)
+        digest = f"sha256:{h.hexdigest()}"
+        sidecar.write_text(digest)
+        return cls(path, size, digest)
+
+
+def _check(resp, *expected: int) -> None:
+    if resp.status not in expected:
+        raise HTTPError(f"unexpected status {resp.status} (wanted {expected}): {resp.body[:300]!r}")
+
+
+# -- push ---------------------------------------------------------------------------------------
+
+def push_large(server: Server, blob: BlobFile, chunk: int | None = None, repo: str = "bench/large") -> dict:
+    """docker's way (POST, one streamed PATCH without Content-Range, PUT ?digest=), or Content-Range
+    PATCHes of `chunk` bytes."""
+    server.forget_blob(blob.digest)
+    conn = BlockingConnection(server.url)
+    fd = os.open(blob.path, os.O_RDONLY)
+    try:
+        start = time.perf_counter()
+        r = conn.request("POST", f"/v2/{repo}/blobs/uploads/")
+        _check(r, 202)
+        loc = location_path(r)
+        octet = {"Content-Type": "application/octet-stream"}
+        if chunk is None:
+            r = conn.request("PATCH", loc, octet, file=(fd, 0, blob.size), chunked=True)
+            _check(r, 202)
+            loc = location_path(r)
+        else:
+            for off in range(0, blob.size, chunk):
+                n = min(chunk, blob.size - off)
+                r = conn.request("PATCH", loc, {**octet, "Content-Range": f"{off}-{off + n - 1}"},
+                                 file=(fd, off, n))
+                _check(r, 202)
+                loc = location_path(r)
+        r = conn.request("PUT", with_query(loc, digest=blob.digest))
+        _check(r, 201)
+        elapsed = time.perf_counter() - start
+    finally:
+        os.close(fd)
+        conn.close()
+    return {"MiB/s": blob.size / MIB / elapsed, "seconds": elapsed}
+
+
+def push_many_small(server: Server, blobs: BlobFile, count: int, size: int, concurrency: int) -> dict:
+    """`count` blobs of `size` bytes (slices of one file), `concurrency` at a time; a single
+    POST ?digest= where the server completes it, else POST then PUT."""
+    digests = []
+    with open(blobs.path, "rb") as f:
+        for i in range(count):
+            digests.append("sha256:" + hashlib.sha256(f.read(size)).hexdigest())
+    fd = os.open(blobs.path, os.O_RDONLY)
+    single = {"n": 0}
+
+    async def run() -> tuple[float, object]:
+        index = iter(range(count))
+
+        async def one(conn: AsyncConnection):
+            i = next(index)
+            data = os.pread(fd, size, i * size)
+            r = await conn.request("POST", f"/v2/bench/small/blobs/uploads/?digest={digests[i]}",
+                                   {"Content-Type": "application/octet-stream"}, data)
+            if r.status == 201:
+                single["n"] += 1
+                return r
+            _check(r, 202)  # no single-request push: finish with PUT
+            return await conn.request("PUT", with_query(location_path(r), digest=digests[i]),
+                                      {"Content-Type": "application/octet-stream"}, data)
+
+        return await hammer(server.url, concurrency, count, one)
+
+    try:
+        elapsed, lat = asyncio.run(run())
+    finally:
+        os.close(fd)
+    return {"blobs/s": count / elapsed, "p99_ms": lat.pct(0.99) * 1000,
+            "single_request": single["n"] == count}
+
+
+# -- pull ---------------------------------------------------------------------------------------
+
+def pull_large(server: Server, blob: BlobFile, repo: str = "bench/large") -> dict:
+    conn = BlockingConnection(server.url)
+    try:
+        start = time.perf_counter()
+        r = conn.request("GET", f"/v2/{repo}/blobs/{blob.digest}", discard=True)
+        elapsed = time.perf_counter() - start
+        _check(r, 200)
+        if r.received != blob.size:
+            raise HTTPError(f"short read {r.received}")
+    finally:
+        conn.close()
+    return {"MiB/s": blob.size / MIB / elapsed}
+
+
+def pull_concurrent(server: Server, blob: BlobFile, clients: int, repo: str = "bench/mid") -> dict:
+    def one(_: int) -> int:
+        conn = BlockingConnection(server.url)
+        try:
+            r = conn.request("GET", f"/v2/{repo}/blobs/{blob.digest}", discard=True)
+            _check(r, 200)
+            return r.received
+        finally:
+            conn.close()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        total = sum(pool.map(one, range(clients)))
+    elapsed = time.perf_counter() - start
+    if total != blob.size * clients:
+        raise HTTPError("short reads")
+    return {"MiB/s": total / MIB / elapsed}
+
+
+def range_get(server: Server, blob: BlobFile, count: int, concurrency: int, repo: str = "bench/mid") -> dict:
+    rng = random.Random(7)
+    offsets = [rng.randrange(0, blob.size - MIB) for _ in range(count)]
+    it = iter(offsets)
+
+    async def one(conn: AsyncConnection):
+        off = next(it)
+        r = await conn.request("GET", f"/v2/{repo}/blobs/{blob.digest}",
+                               {"Range": f"bytes={off}-{off + MIB - 1}"})
+        if r.status != 206 or len(r.body) != MIB:
+            raise HTTPError(f"range answered {r.status} with {len(r.body)} bytes")
+        return r
+
+    elapsed, lat = asyncio.run(hammer(server.url, concurrency, count, one))
+    return {"MiB/s": count / elapsed, "req/s": count / elapsed, "p99_ms": lat.pct(0.99) * 1000}
+
+
+# -- manifests ----------------------------------------------------------------------------------
+
+def prepare_manifest(server: Server, repo: str = "bench/manifest") -> str:
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    cd = "sha256:" + hashlib.sha256(config).hexdigest()
+    conn = BlockingConnection(server.url)
+    try:
+        r = conn.request("POST", f"/v2/{repo}/blobs/uploads/")
+        _check(r, 202)
+        _check(conn.request("PUT", with_query(location_path(r), digest=cd), body=config), 201)
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                               "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                          "digest": cd, "size": len(config)},
+                               "layers": []}).encode()
+        _check(conn.request("PUT", f"/v2/{repo}/manifests/latest",
+                            {"Content-Type": OCI_MANIFEST}, manifest), 201)
+    finally:
+        conn.close()
+    return repo
+
+
+def manifest_ops(server: Server, method: str, count: int, concurrency: int,
+                 repo: str = "bench/manifest") -> dict:
+    headers = {"Accept": OCI_MANIFEST}
+
+    async def one(conn: AsyncConnection):
+        return await conn.request(method, f"/v2/{repo}/manifests/latest", headers)
+
+    elapsed, lat = asyncio.run(hammer(server.url, concurrency, count, one))
+    return {"req/s": count / elapsed, "p50_ms": lat.pct(0.5) * 1000, "p99_ms": lat.pct(0.99) * 1000}
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+def _offset(conn: BlockingConnection, loc: str) -> int:
+    r = conn.request("GET", loc)
+    _check(r, 204)
+    end = int(r.headers.get("range", "0-0").split("-")[1])
+    return end + 1 if end else 0
+
+
+def resume(server: Server, blob: BlobFile, cut: bool, repo: str = "bench/resume") -> dict:
+    """Push half, ask the offset, finish. With `cut`, the first PATCH declares the whole blob
+    but the connection is dropped halfway; the client resumes from whatever offset the server
+    reports. `works` says whether the blob then commits with the right digest."""
+    server.forget_blob(blob.digest)
+    half = blob.size // 2
+    fd = os.open(blob.path, os.O_RDONLY)
+    conn = BlockingConnection(server.url)
+    octet = {"Content-Type": "application/octet-stream"}
+    try:
+        start = time.perf_counter()
+        r = conn.request("POST", f"/v2/{repo}/blobs/uploads/")
+        _check(r, 202)
+        loc = location_path(r)
+        if cut:
+            cutter = BlockingConnection(server.url)
+            cutter.request("PATCH", loc, octet, file=(fd, 0, blob.size), send_only=half)
+            cutter.sock.shutdown(socket.SHUT_RDWR)
+            cutter.close()
+            offset, deadline = -1, time.time() + 10
+            while time.time() < deadline:  # wait for the server to settle the dropped request
+                now = _offset(conn, loc)
+                if now == offset:
+                    break
+                offset = now
+                time.sleep(0.2)
+        else:
+            r = conn.request("PATCH", loc, {**octet, "Content-Range": f"0-{half - 1}"}, file=(fd, 0, half))
+            _check(r, 202)
+            loc = location_path(r)
+            offset = _offset(conn, loc)
+        kept = offset
+        if offset < blob.size:
+            r = conn.request("PATCH", loc, {**octet, "Content-Range": f"{offset}-{blob.size - 1}"},
+                             file=(fd, offset, blob.size - offset))
+            if r.status != 202:
+                return {"works": False, "kept_MiB": kept / MIB, "seconds": time.perf_counter() - start}
+            loc = location_path(r)
+        r = conn.request("PUT", with_query(loc, digest=blob.digest))
+        elapsed = time.perf_counter() - start
+        return {"works": r.status == 201, "kept_MiB": kept / MIB, "seconds": elapsed}
+    except (HTTPError, OSError):
+        return {"works": False, "kept_MiB": 0.0, "seconds": 0.0}
+    finally:
+        os.close(fd)
+        conn.close()
