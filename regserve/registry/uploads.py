@@ -10,6 +10,7 @@ arrive, hashing and writing in two threads while the event loop reads the next b
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import re
 import uuid
@@ -25,9 +26,10 @@ from . import paths
 from .blobs import BlobInfo, BlobStore, RepositoryBlobs
 
 UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-BATCH_BYTES = 4 << 20            # handed to the hash/write threads at a time
+BATCH_BYTES = 512 << 10       # handed to the hash/write threads at a time
+IN_FLIGHT_BYTES = 4 << 20     # queued for hashing/writing: bounds memory, and the tail a PATCH waits for
 CHECKPOINT_BYTES = 256 << 20     # hash state saved this often within one long request
-_hash_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hash")
+_hash_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hash")  # resume/fallback re-hash
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,50 @@ def _hash_batch(hashers: list[hashstate.Hasher], batch: list[bytes]) -> None:
     for h in hashers:
         for chunk in batch:
             h.update(chunk)
+
+
+class _Pipeline:
+    """Hashing and writing of one stream, each in a thread of its own so both keep their order,
+    overlapping each other and the event loop's reading of the next batch. At most
+    IN_FLIGHT_BYTES are queued, so memory stays flat whatever the blob size. A body that fits in
+    one batch is hashed and written inline: no thread handoff for small blobs."""
+
+    def __init__(self, writer: FileWriter, hashers: list[hashstate.Hasher]) -> None:
+        self.writer, self.hashers = writer, hashers
+        self.inflight: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
+        self.queued = 0
+        self.used = False
+        self._hash_thread: ThreadPoolExecutor | None = None
+
+    async def submit(self, parts: list[bytes], nbytes: int, last: bool = False) -> None:
+        if last and not self.used and nbytes < BATCH_BYTES:
+            _hash_batch(self.hashers, parts)
+            await self.writer.write(parts, small=True)
+            return
+        self.used = True
+        if self._hash_thread is None:
+            self._hash_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+        loop = asyncio.get_running_loop()
+        hashed = loop.run_in_executor(self._hash_thread, _hash_batch, self.hashers, parts)
+        written = asyncio.ensure_future(self.writer.write(parts))
+        self.inflight.append((asyncio.gather(hashed, written), nbytes))
+        self.queued += nbytes
+        while self.queued > IN_FLIGHT_BYTES:
+            await self._retire()
+
+    async def _retire(self) -> None:
+        done, nbytes = self.inflight.popleft()
+        self.queued -= nbytes
+        await done
+
+    async def drain(self) -> None:
+        while self.inflight:
+            await self._retire()
+
+    def close(self) -> None:
+        if self._hash_thread is not None:
+            self._hash_thread.shutdown(wait=False)
+            self._hash_thread = None
 
 
 class UploadSession:
@@ -117,7 +163,8 @@ class UploadSession:
                 continue
             base = paths.upload_hashstates(self.name, self.id, h.algorithm)
             old = await self._saved_states(h.algorithm)
-            await self.driver.put_content(f"{base}/{h.length}", h.save())
+            # Not fsynced: a state lost in a crash is detected on restore and the gap re-hashed.
+            await self.driver.put_content(f"{base}/{h.length}", h.save(), durable=False)
             for offset in old:
                 if offset != h.length:
                     try:
@@ -143,16 +190,10 @@ class UploadSession:
 
     async def _stream(self, writer: FileWriter, hashers: list[hashstate.Hasher],
                       body: AsyncIterator[bytes]) -> None:
-        loop = asyncio.get_running_loop()
+        pipe = _Pipeline(writer, hashers)
         batch: list[bytes] = []
         batched = 0
-        pending: asyncio.Future | None = None
         since_checkpoint = 0
-
-        async def flush(parts: list[bytes]) -> None:
-            await asyncio.gather(loop.run_in_executor(_hash_pool, _hash_batch, hashers, parts),
-                                 writer.write(parts))
-
         try:
             async for data in body:
                 if not data:
@@ -160,23 +201,22 @@ class UploadSession:
                 batch.append(data)
                 batched += len(data)
                 if batched >= BATCH_BYTES:
-                    if pending is not None:
-                        await pending
+                    await pipe.submit(batch, batched)
                     since_checkpoint += batched
-                    pending = asyncio.ensure_future(flush(batch))
                     batch, batched = [], 0
                     if since_checkpoint >= CHECKPOINT_BYTES:
-                        await pending
-                        pending = None
+                        await pipe.drain()
                         await self._save_states(hashers)
                         since_checkpoint = 0
         finally:
             # Runs on success and on a dropped connection alike: keep every byte that arrived.
             async def settle() -> None:
-                if pending is not None:
-                    await pending
-                if batch:
-                    await flush(batch)
+                try:
+                    if batch:
+                        await pipe.submit(batch, batched, last=True)
+                    await pipe.drain()
+                finally:
+                    pipe.close()
                 await self._save_states(hashers)
             await asyncio.shield(settle())
 

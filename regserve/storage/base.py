@@ -31,12 +31,16 @@ class FileInfo:
 
 class FileWriter(abc.ABC):
     """A streaming writer. `close()` keeps what was written so a later writer can append to it;
-    `commit()` makes it durable; `cancel()` removes it."""
+    `commit()` makes it durable; `cancel()` removes it.
+
+    `write()` calls may overlap (a caller keeps several batches in flight); they complete in the
+    order they were made. `small=True` hints that a thread handoff would cost more than the write.
+    `size` counts every byte handed to `write()`, finished or not."""
 
     size: int
 
     @abc.abstractmethod
-    async def write(self, chunks: Sequence[bytes]) -> None: ...
+    async def write(self, chunks: Sequence[bytes], small: bool = False) -> None: ...
 
     @abc.abstractmethod
     async def commit(self) -> None: ...
@@ -56,8 +60,9 @@ class StorageDriver(abc.ABC):
         """A small object's bytes (links, manifests, state files)."""
 
     @abc.abstractmethod
-    async def put_content(self, path: str, data: bytes) -> None:
-        """Replace an object atomically and durably."""
+    async def put_content(self, path: str, data: bytes, durable: bool = True) -> None:
+        """Replace an object atomically; durably unless the caller can live without it after
+        a crash (it will find the old object, or none)."""
 
     @abc.abstractmethod
     def reader(self, path: str, offset: int = 0, length: int | None = None,
