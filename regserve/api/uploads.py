@@ -46,12 +46,7 @@ async def start_upload(request: web.Request) -> web.Response:
         # Not mountable: fall back to a regular upload session, as the spec says.
     if "digest" in query:
         d = parse_digest(query["digest"])
-        session = await repo.uploads.create([d.algorithm])
-        try:
-            info = await session.finish(d, body_chunks(request), None, repo.blobs)
-        except BaseException:
-            await session.cancel()  # the client never saw this session: nothing to resume
-            raise
+        info = await repo.uploads.put_whole(d, body_chunks(request), repo.blobs)
         return _created(request, repo.name, str(info.digest))
     session = await repo.uploads.create()
     headers = _status_headers(request, session, 0)

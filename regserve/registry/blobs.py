@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -80,6 +81,21 @@ class BlobStore:
             await self.driver.put_content(paths.blob_data(d), data)
             self._sizes.put(d, len(data))
 
+    async def temp_path(self, d: Digest) -> str:
+        """A private name beside the blob's final one: the commit is a rename within one
+        directory, and nothing else (no session directory) has to be created or removed."""
+        return f"{paths.blob_dir(d)}/data.tmp-{uuid.uuid4().hex}"
+
+    async def discard_temp(self, temp: str, d: Digest) -> None:
+        """Remove a temporary object that was not adopted, and the blob's directory if the
+        claimed digest turned out wrong and left it empty."""
+        try:
+            await self.driver.delete(temp)
+        except PathNotFound:
+            return  # adopted: renamed into place
+        if not await self.exists(d):
+            await self.driver.prune(paths.blob_dir(d))
+
     async def adopt(self, source_path: str, d: Digest) -> None:
         """Move a verified, fsynced upload into place. Racing commits of one digest all write
         identical bytes, and the rename is atomic, so any winner is right."""
@@ -120,6 +136,8 @@ class RepositoryBlobs:
         return await self.store.stat(d)
 
     async def link(self, d: Digest) -> None:
+        if await self.is_linked(d):
+            return  # links only ever hold their own digest: nothing to rewrite
         await self.driver.put_content(paths.layer_link(self.name, d), str(d).encode())
 
     async def unlink(self, d: Digest) -> None:

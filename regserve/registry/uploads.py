@@ -16,7 +16,7 @@ import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 from .. import hashstate
 from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, UploadRangeInvalid
@@ -46,6 +46,42 @@ def _hash_batch(hashers: list[hashstate.Hasher], batch: list[bytes]) -> None:
     for h in hashers:
         for chunk in batch:
             h.update(chunk)
+
+
+async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body: AsyncIterator[bytes],
+                      checkpoint: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Hash and write a body as it arrives. `checkpoint` (saving the hash state) runs every
+    CHECKPOINT_BYTES and at the end, also when the client goes away mid-body: every byte that
+    arrived is kept."""
+    pipe = _Pipeline(writer, hashers)
+    batch: list[bytes] = []
+    batched = 0
+    since_checkpoint = 0
+    try:
+        async for data in body:
+            if not data:
+                continue
+            batch.append(data)
+            batched += len(data)
+            if batched >= BATCH_BYTES:
+                await pipe.submit(batch, batched)
+                since_checkpoint += batched
+                batch, batched = [], 0
+                if checkpoint is not None and since_checkpoint >= CHECKPOINT_BYTES:
+                    await pipe.drain()
+                    await checkpoint()
+                    since_checkpoint = 0
+    finally:
+        async def settle() -> None:
+            try:
+                if batch:
+                    await pipe.submit(batch, batched, last=True)
+                await pipe.drain()
+            finally:
+                pipe.close()
+            if checkpoint is not None:
+                await checkpoint()
+        await asyncio.shield(settle())
 
 
 class _Pipeline:
@@ -190,35 +226,7 @@ class UploadSession:
 
     async def _stream(self, writer: FileWriter, hashers: list[hashstate.Hasher],
                       body: AsyncIterator[bytes]) -> None:
-        pipe = _Pipeline(writer, hashers)
-        batch: list[bytes] = []
-        batched = 0
-        since_checkpoint = 0
-        try:
-            async for data in body:
-                if not data:
-                    continue
-                batch.append(data)
-                batched += len(data)
-                if batched >= BATCH_BYTES:
-                    await pipe.submit(batch, batched)
-                    since_checkpoint += batched
-                    batch, batched = [], 0
-                    if since_checkpoint >= CHECKPOINT_BYTES:
-                        await pipe.drain()
-                        await self._save_states(hashers)
-                        since_checkpoint = 0
-        finally:
-            # Runs on success and on a dropped connection alike: keep every byte that arrived.
-            async def settle() -> None:
-                try:
-                    if batch:
-                        await pipe.submit(batch, batched, last=True)
-                    await pipe.drain()
-                finally:
-                    pipe.close()
-                await self._save_states(hashers)
-            await asyncio.shield(settle())
+        await stream_into(writer, hashers, body, lambda: self._save_states(hashers))
 
     async def finish(self, digest: Digest, body: AsyncIterator[bytes] | None,
                      chunk: ChunkRange | None, blobs: RepositoryBlobs) -> BlobInfo:
@@ -274,6 +282,31 @@ class Uploads:
         empty = [hashstate.Hasher(a) for a in algorithms]
         await session._save_states(empty)
         return session
+
+    async def put_whole(self, digest: Digest, body: AsyncIterator[bytes], blobs: RepositoryBlobs) -> BlobInfo:
+        """A blob sent whole in one request (POST ?digest=). The client never sees a session, so
+        none is kept: the body goes to a private temporary object beside the blob's final name,
+        is verified and made durable, then renamed into place; on any failure it is removed."""
+        store = self.store
+        temp = await store.temp_path(digest)
+        writer = await self.driver.writer(temp)
+        published = False
+        try:
+            hasher = hashstate.Hasher(digest.algorithm)
+            await stream_into(writer, [hasher], body)
+            if hasher.hexdigest() != digest.hex:
+                raise DigestInvalid({"expected": str(digest), "actual": hasher.digest()})
+            size = writer.size
+            if not await store.exists(digest):
+                await writer.commit(paths.blob_data(digest))  # fsync, rename into place
+                store.forget(digest)
+                published = True
+        finally:
+            await writer.close()
+            if not published:
+                await store.discard_temp(temp, digest)
+        await blobs.link(digest)
+        return BlobInfo(digest, size, paths.blob_data(digest))
 
     async def open(self, upload_id: str) -> UploadSession:
         if not UPLOAD_ID_RE.fullmatch(upload_id):

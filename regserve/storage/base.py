@@ -43,7 +43,9 @@ class FileWriter(abc.ABC):
     async def write(self, chunks: Sequence[bytes], small: bool = False) -> None: ...
 
     @abc.abstractmethod
-    async def commit(self) -> None: ...
+    async def commit(self, dest: str | None = None) -> None:
+        """Make the object durable; with `dest`, also publish it atomically under that name
+        (a new object only appears complete)."""
 
     @abc.abstractmethod
     async def cancel(self) -> None: ...
@@ -86,6 +88,9 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def delete(self, path: str) -> None:
         """Remove an object or everything under a prefix."""
+
+    async def prune(self, path: str) -> None:
+        """Remove a directory if it is empty (object stores have none: nothing to do)."""
 
     def local_path(self, path: str) -> str | None:
         """A filesystem path to serve the object with sendfile, where the driver has one."""

@@ -13,7 +13,6 @@ import ctypes.util
 import errno
 import fcntl
 import os
-import shutil
 import stat as stat_mod
 import time
 import uuid
@@ -63,6 +62,17 @@ def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
             written = os.write(fd, data)
 
 
+def _remove_tree(path: str) -> None:
+    """rmtree for our own small trees (no symlinks followed), cheaper than shutil's fd dance."""
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                _remove_tree(entry.path)
+            else:
+                os.unlink(entry.path)
+    os.rmdir(path)
+
+
 class FilesystemWriter(FileWriter):
     def __init__(self, driver: "FilesystemDriver", full: str, fd: int) -> None:
         self._driver, self._full, self._fd = driver, full, fd
@@ -85,9 +95,21 @@ class FilesystemWriter(FileWriter):
         await asyncio.get_running_loop().run_in_executor(self._own, self._write_and_flush_early,
                                                          chunks, offset)
 
-    async def commit(self) -> None:
-        await self._driver._run(os.fsync, self._fd)
+    async def commit(self, dest: str | None = None) -> None:
+        if dest is None:
+            await self._driver._run(os.fsync, self._fd)
+        else:
+            await self._driver._run(self._publish, self._driver._full(dest))
         await self.close()
+
+    def _publish(self, dest_full: str) -> None:
+        os.fsync(self._fd)
+        parent = os.path.dirname(dest_full)
+        if parent != os.path.dirname(self._full):
+            os.makedirs(parent, exist_ok=True)
+        os.replace(self._full, dest_full)
+        _fsync_dir(parent)
+        self._full = dest_full
 
     async def cancel(self) -> None:
         await self.close()
@@ -169,6 +191,8 @@ class FilesystemDriver(StorageDriver):
             os.close(fd)
 
     async def writer(self, path: str, append: bool = False) -> FileWriter:
+        if not append:
+            return self._open_writer(path, False)  # a new private file: no lock to wait for
         return await self._run(self._open_writer, path, append)
 
     def _open_writer(self, path: str, append: bool) -> FilesystemWriter:
@@ -176,10 +200,11 @@ class FilesystemDriver(StorageDriver):
         os.makedirs(os.path.dirname(full), exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
         fd = os.open(full, flags, 0o644)
-        # One writer per object across processes: a retried PATCH must not interleave with a
-        # request that is still draining. Wait a little for the other one to finish.
+        # One appender per object across processes: a retried PATCH must not interleave with a
+        # request that is still draining. Wait a little for the other one to finish. (A new
+        # object is private to its writer: no lock.)
         deadline = LOCK_WAIT_SECONDS
-        while True:
+        while append:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
@@ -220,19 +245,32 @@ class FilesystemDriver(StorageDriver):
             raise PathNotFound(source) from None
         _fsync_dir(parent)
 
+    async def prune(self, path: str) -> None:
+        try:
+            os.rmdir(self._full(path))
+        except OSError:
+            pass  # not empty (another upload of the same digest), or gone
+
     async def delete(self, path: str) -> None:
         await self._run(self._delete_sync, self._full(path), path)
 
     @staticmethod
     def _delete_sync(full: str, path: str) -> None:
         try:
-            if os.path.isdir(full) and not os.path.islink(full):
-                # Rename first so readers never see a half-deleted tree.
-                doomed = f"{full}.tmp-{uuid.uuid4().hex}"
-                os.rename(full, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
-            else:
+            st = os.lstat(full)
+            if not stat_mod.S_ISDIR(st.st_mode):
                 os.unlink(full)
+                return
+            try:
+                os.rmdir(full)  # the common case after a commit moved the data out: empty
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            # Rename first so readers never see a half-deleted tree.
+            doomed = f"{full}.tmp-{uuid.uuid4().hex}"
+            os.rename(full, doomed)
+            _remove_tree(doomed)
         except FileNotFoundError:
             raise PathNotFound(path) from None
         except OSError as e:
