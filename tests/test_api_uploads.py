@@ -47,6 +47,10 @@ async def test_monolithic_post_wrong_digest_commits_nothing(client, data_dir):
     assert (await client.head(f"/v2/foo/blobs/{DIGEST}")).status == 404
     uploads = data_dir / "docker/registry/v2/repositories/foo/_uploads"
     assert not uploads.exists() or not list(uploads.iterdir())
+    blobs = data_dir / "docker/registry/v2/blobs"
+    leftovers = [p for p in blobs.rglob("*") if p.is_file()] if blobs.exists() else []
+    assert leftovers == []  # no temp file, no blob under the claimed digest
+    assert not (blobs / "sha256" / wrong.split(":")[1][:2] / wrong.split(":")[1]).exists()
 
 
 async def test_post_then_put_with_body(client):
