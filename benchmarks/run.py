@@ -83,6 +83,7 @@ class Harness:
         self.out = open(self.work / "results.jsonl", "w")
 
     def measure(self, scenario: str, server: Server, fn: Callable[[], dict], round_: int) -> dict:
+        os.sync()  # the previous run's writeback must not land in this one's measurement
         server.reset_peak_rss()
         cpu0, t0 = server.cpu_seconds(), time.perf_counter()
         figures = fn()
@@ -239,7 +240,7 @@ scenario). Ratios are regserve / reference of the medians (for latency, CPU and 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="1G", help="push_large/pull_large sizes, e.g. 1G,4G")
+    p.add_argument("--sizes", default="256M,1G", help="push_large/pull_large sizes, e.g. 256M,1G,4G")
     p.add_argument("--chunk", default="64M", help="Content-Range chunk size for the chunked push")
     p.add_argument("--mid-size", default="256M", help="blob for pull_concurrent, range_get, resume")
     p.add_argument("--clients", type=int, default=16, help="pull_concurrent clients")

@@ -123,7 +123,23 @@ def push_many_small(server: Server, blobs: BlobFile, count: int, size: int, conc
 
 # -- pull ---------------------------------------------------------------------------------------
 
+def warm(server: Server, blob: BlobFile) -> None:
+    """Read the server's own copy of a blob once, so that both servers serve from the page cache
+    (each has its copy, and the machine may have evicted one and not the other)."""
+    path = server.blob_path(blob.digest) / "data"
+    if not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(8 * MIB)
+        while os.readv(fd, [buf]):
+            pass
+    finally:
+        os.close(fd)
+
+
 def pull_large(server: Server, blob: BlobFile, repo: str = "bench/large") -> dict:
+    warm(server, blob)
     conn = BlockingConnection(server.url)
     try:
         start = time.perf_counter()
@@ -138,6 +154,8 @@ def pull_large(server: Server, blob: BlobFile, repo: str = "bench/large") -> dic
 
 
 def pull_concurrent(server: Server, blob: BlobFile, clients: int, repo: str = "bench/mid") -> dict:
+    warm(server, blob)
+
     def one(_: int) -> int:
         conn = BlockingConnection(server.url)
         try:
@@ -157,6 +175,7 @@ def pull_concurrent(server: Server, blob: BlobFile, clients: int, repo: str = "b
 
 
 def range_get(server: Server, blob: BlobFile, count: int, concurrency: int, repo: str = "bench/mid") -> dict:
+    warm(server, blob)
     rng = random.Random(7)
     offsets = [rng.randrange(0, blob.size - MIB) for _ in range(count)]
     it = iter(offsets)

@@ -15,7 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("config", nargs="?", help="distribution-style config.yml (default: "
                        "$REGISTRY_CONFIGURATION_PATH, else 127.0.0.1:5000 over ./data)")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    users = sub.add_parser("htpasswd", help="manage users of a bcrypt htpasswd file")
+    users.add_argument("action", choices=["add", "remove", "list"])
+    users.add_argument("file")
+    users.add_argument("user", nargs="?")
+    users.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    users.add_argument("--cost", type=int, default=10, help="bcrypt cost (default 10)")
     args = parser.parse_args(argv)
+    if args.command == "htpasswd" and args.action != "list" and not args.user:
+        parser.error("htpasswd add/remove need a USER")
 
     if args.command == "serve":
         try:
@@ -26,14 +34,56 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             print("regserve: --workers must be at least 1", file=sys.stderr)
             return 2
+        from .auth.htpasswd import HtpasswdError
+        from .auth.policy import PolicyError
+        from .auth.tokens import TokenError
         from .server import run
         try:
             run(config, args.workers)
+        except (HtpasswdError, PolicyError, TokenError) as e:
+            print(f"regserve: configuration error: {e}", file=sys.stderr)
+            return 2
         except (OSError, ValueError) as e:
             print(f"regserve: {e}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "htpasswd":
+        return htpasswd_command(args)
     return 2
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    import getpass
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Re-type new password: ") != password:
+            raise SystemExit("regserve: passwords do not match")
+    if not password:
+        raise SystemExit("regserve: empty password")
+    return password
+
+
+def htpasswd_command(args: argparse.Namespace) -> int:
+    """Edit an htpasswd file that Apache's htpasswd reads and writes too."""
+    from .auth import htpasswd
+    try:
+        if args.action == "add":
+            htpasswd.set_user(args.file, args.user, _read_password(args), args.cost)
+            print(f"user {args.user} set in {args.file}", file=sys.stderr)
+        elif args.action == "remove":
+            if not htpasswd.remove_user(args.file, args.user):
+                print(f"regserve: no user {args.user} in {args.file}", file=sys.stderr)
+                return 1
+        else:
+            for line in htpasswd.read_lines(args.file):
+                if line.strip() and not line.startswith("#"):
+                    print(line.partition(":")[0])
+    except (htpasswd.HtpasswdError, OSError) as e:
+        print(f"regserve: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

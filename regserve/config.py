@@ -44,7 +44,11 @@ SCHEMA: dict[str, Any] = {
              "token": {"realm": _S, "service": _S, "issuer": _S, "rootcertbundle": _S,
                        "jwks": _S, "autoredirect": _B, "autoredirectpath": _S,
                        "signingalgorithms": _L},
-             "silly": {"realm": _S, "service": _S}},
+             "silly": {"realm": _S, "service": _S},
+             # regserve extensions: the built-in token issuer, and the access policy file
+             "tokenserver": {"enabled": _B, "htpasswd": _S, "signingkey": _S, "certificate": _S,
+                             "expiration": _D, "refreshexpiration": _D},
+             "accesscontrol": {"policy": _S}},
     "middleware": _M,
     "http": {"addr": _S, "net": _S, "host": _S, "prefix": _S, "secret": _S, "relativeurls": _B,
              "draintimeout": _D, "headers": _M,
@@ -64,7 +68,10 @@ IMPLEMENTED = {
     "storage.maintenance.readonly.enabled", "storage.cache.blobdescriptor",
     "storage.cache.blobdescriptorsize", "storage.redirect.disable", "http.addr", "http.net",
     "http.host", "http.prefix", "http.secret", "http.relativeurls", "http.draintimeout",
-    "http.headers", "health", "catalog.maxentries",
+    "http.headers", "catalog.maxentries", "auth.htpasswd", "auth.token.realm",
+    "auth.token.service", "auth.token.issuer", "auth.token.rootcertbundle", "auth.token.jwks",
+    "auth.token.signingalgorithms", "auth.tokenserver", "auth.accesscontrol", "http.tls.certificate",
+    "http.tls.key", "http.tls.clientcas", "http.tls.clientauth", "http.tls.minimumtls",
 }
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -186,6 +193,25 @@ class Config:
     upload_purge_interval: float = 24 * 3600.0
     upload_purge_dryrun: bool = False
     catalog_max_entries: int = 1000
+    auth_mode: str = "none"                 # none, htpasswd, token
+    auth_realm: str | None = None
+    htpasswd_path: str | None = None
+    token_service: str = ""
+    token_issuer: str = ""
+    token_rootcertbundle: str | None = None
+    token_jwks: str | None = None
+    token_algorithms: list[str] = field(default_factory=list)
+    tokenserver: bool = False
+    tokenserver_key: str | None = None
+    tokenserver_cert: str | None = None
+    tokenserver_expiration: float = 300.0
+    tokenserver_refresh_expiration: float = 7 * 86400.0
+    policy_path: str | None = None
+    tls_certificate: str | None = None
+    tls_key: str | None = None
+    tls_clientcas: list[str] = field(default_factory=list)
+    tls_clientauth: str = "require-and-verify-client-cert"
+    tls_minimum: str = "tls1.2"
     ignored: list[str] = field(default_factory=list)
 
     @property
@@ -263,6 +289,68 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     c.upload_purge_interval = parse_duration(_get(doc, purge + "interval", "24h"), purge + "interval")
     c.upload_purge_dryrun = bool(_get(doc, purge + "dryrun", False))
     c.catalog_max_entries = int(_get(doc, "catalog.maxentries", 1000))
+    _load_auth(c, doc)
+    _load_tls(c, doc)
     c.ignored = sorted(k for k in seen if k and not any(
         k == i or k.startswith(i + ".") for i in IMPLEMENTED) and _get(doc, k) is not None)
     return c
+
+
+def _load_auth(c: Config, doc: dict[str, Any]) -> None:
+    auth = doc.get("auth") or {}
+    methods = [m for m in ("htpasswd", "token", "silly") if auth.get(m) is not None]
+    server = auth.get("tokenserver")
+    if server is not None and server.get("enabled", True) is not False and "token" not in methods:
+        methods.append("token")
+    if len(methods) > 1:
+        raise ConfigError(f"auth: configure one method, not {' and '.join(methods)}")
+    if methods == ["silly"]:
+        raise ConfigError("auth.silly: distribution's test-only method is not supported; use htpasswd or token")
+    c.policy_path = _get(doc, "auth.accesscontrol.policy")
+    if methods == ["htpasswd"]:
+        c.auth_mode = "htpasswd"
+        c.auth_realm = _get(doc, "auth.htpasswd.realm") or "basic-realm"
+        c.htpasswd_path = _get(doc, "auth.htpasswd.path")
+        if not c.htpasswd_path:
+            raise ConfigError("auth.htpasswd.path: required")
+    elif methods == ["token"]:
+        c.auth_mode = "token"
+        c.auth_realm = _get(doc, "auth.token.realm")
+        c.token_service = _get(doc, "auth.token.service") or ""
+        c.token_issuer = _get(doc, "auth.token.issuer") or ""
+        c.token_rootcertbundle = _get(doc, "auth.token.rootcertbundle")
+        c.token_jwks = _get(doc, "auth.token.jwks")
+        c.token_algorithms = list(_get(doc, "auth.token.signingalgorithms", []) or [])
+        c.tokenserver = server is not None and server.get("enabled", True) is not False
+        if not c.token_service or not c.token_issuer:
+            raise ConfigError("auth.token.service and auth.token.issuer: required")
+        if c.tokenserver:
+            ts = "auth.tokenserver."
+            c.htpasswd_path = _get(doc, ts + "htpasswd") or _get(doc, "auth.htpasswd.path")
+            c.tokenserver_key = _get(doc, ts + "signingkey")
+            if not c.htpasswd_path or not c.tokenserver_key:
+                raise ConfigError("auth.tokenserver.htpasswd and auth.tokenserver.signingkey: required")
+            c.tokenserver_cert = _get(doc, ts + "certificate") or c.tokenserver_key + ".crt"
+            c.tokenserver_expiration = parse_duration(_get(doc, ts + "expiration", "5m"), ts + "expiration")
+            c.tokenserver_refresh_expiration = parse_duration(_get(doc, ts + "refreshexpiration", "168h"),
+                                                              ts + "refreshexpiration")
+        else:
+            if not c.auth_realm:
+                raise ConfigError("auth.token.realm: required (or enable auth.tokenserver)")
+            if not c.token_rootcertbundle and not c.token_jwks:
+                raise ConfigError("auth.token.rootcertbundle or auth.token.jwks: required")
+
+
+def _load_tls(c: Config, doc: dict[str, Any]) -> None:
+    c.tls_certificate = _get(doc, "http.tls.certificate")
+    c.tls_key = _get(doc, "http.tls.key")
+    if bool(c.tls_certificate) != bool(c.tls_key):
+        raise ConfigError("http.tls.certificate and http.tls.key: set both or neither")
+    c.tls_clientcas = [str(x) for x in (_get(doc, "http.tls.clientcas", []) or [])]
+    c.tls_clientauth = _get(doc, "http.tls.clientauth", "require-and-verify-client-cert")
+    if c.tls_clientauth not in ("request-client-cert", "require-any-client-cert", "verify-client-cert-if-given",
+                                "require-and-verify-client-cert"):
+        raise ConfigError(f"http.tls.clientauth: unknown value {c.tls_clientauth!r}")
+    c.tls_minimum = _get(doc, "http.tls.minimumtls", "tls1.2")
+    if c.tls_minimum not in ("tls1.0", "tls1.1", "tls1.2", "tls1.3"):
+        raise ConfigError(f"http.tls.minimumtls: unknown value {c.tls_minimum!r}")

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import sys
 import time
 
@@ -66,12 +67,30 @@ async def _purge_loop(app: web.Application, config: Config) -> None:
         await asyncio.sleep(max(config.upload_purge_interval, 60))
 
 
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """http.tls: certificate and key, minimum version, and client certificates (mutual TLS)."""
+    if not config.tls_certificate:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = {"tls1.0": ssl.TLSVersion.TLSv1, "tls1.1": ssl.TLSVersion.TLSv1_1,
+                           "tls1.2": ssl.TLSVersion.TLSv1_2, "tls1.3": ssl.TLSVersion.TLSv1_3}[config.tls_minimum]
+    ctx.load_cert_chain(config.tls_certificate, config.tls_key)
+    if config.tls_clientcas:
+        for ca in config.tls_clientcas:
+            ctx.load_verify_locations(cafile=ca)
+        ctx.verify_mode = {"request-client-cert": ssl.CERT_OPTIONAL, "require-any-client-cert": ssl.CERT_REQUIRED,
+                           "verify-client-cert-if-given": ssl.CERT_OPTIONAL,
+                           "require-and-verify-client-cert": ssl.CERT_REQUIRED}[config.tls_clientauth]
+    return ctx
+
+
 async def serve(config: Config, sock: socket.socket, purge: bool = True) -> None:
     app = make_app(config, make_registry(config))
     runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
                            handler_cancellation=False, read_bufsize=1 << 20)
     await runner.setup()
-    site = web.SockSite(runner, sock, shutdown_timeout=config.drain_timeout or 5.0)
+    site = web.SockSite(runner, sock, shutdown_timeout=config.drain_timeout or 5.0,
+                        ssl_context=tls_context(config))
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -100,16 +119,26 @@ def _worker(config: Config, host: str, port: int, index: int, reserved: socket.s
     _run_loop(config, sock, purge=index == 0)
 
 
+def check(config: Config) -> None:
+    """Load everything a worker will need, so a bad htpasswd file, policy, key or certificate
+    stops the start with its own message (and a token signing key is created once, here)."""
+    from .api.auth import build
+    build(config)
+    tls_context(config)
+
+
 def run(config: Config, workers: int = 1) -> None:
     setup_logging(config)
+    check(config)
     host, port = parse_addr(config.addr)
     # Bound, not yet listening: it reserves the port (and resolves port 0). Only listening
     # sockets receive connections, so with workers it never takes any.
     sock = listen_socket(host, port, listen=False)
     port = sock.getsockname()[1]
     root = config.rootdirectory
-    log.info("regserve listening on %s:%d (storage: %s%s, workers: %d)", host, port,
-             config.storage_driver, f" {os.path.abspath(root)}" if root else "", workers)
+    log.info("regserve listening on %s://%s:%d (storage: %s%s, auth: %s, workers: %d)",
+             "https" if config.tls_certificate else "http", host, port, config.storage_driver,
+             f" {os.path.abspath(root)}" if root else "", config.auth_mode, workers)
     for key in config.ignored:
         log.warning("configuration key %s is accepted but not used by regserve", key)
     sys.stderr.flush()

@@ -65,8 +65,10 @@ class ServerProcess:
     """A real `regserve serve` process on a free loopback port, stopped by its own PID."""
 
     def __init__(self, data: Path, env: dict[str, str] | None = None, workers: int = 1,
-                 config_file: Path | None = None, log: Path | None = None) -> None:
+                 config_file: Path | None = None, log: Path | None = None, tls_ca: Path | None = None,
+                 tls_client: tuple[Path, Path] | None = None) -> None:
         self.data, self.port = data, free_port()
+        self.tls_ca, self.tls_client = tls_ca, tls_client
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log or data.parent / f"server-{self.port}.log"
         full_env = dict(os.environ)
@@ -85,14 +87,25 @@ class ServerProcess:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
+        """Ready when /v2/ answers at all (401 included: auth is configured)."""
+        import ssl
+        url, ctx = self.url + "/v2/", None
+        if self.tls_ca:
+            url = url.replace("http://", "https://")
+            ctx = ssl.create_default_context(cafile=str(self.tls_ca))
+            if self.tls_client:
+                ctx.load_cert_chain(*map(str, self.tls_client))
         deadline = time.time() + 20
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log_path.read_text()}")
             try:
-                with urllib.request.urlopen(self.url + "/v2/", timeout=1) as r:
+                with urllib.request.urlopen(url, timeout=1, context=ctx) as r:
                     if r.status == 200:
                         return
+            except urllib.error.HTTPError as e:
+                if e.code == 401:
+                    return
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("server did not start")

@@ -122,9 +122,9 @@ def test_unreadable_and_invalid_yaml(tmp_path):
 
 
 def test_ignored_keys_are_reported(tmp_path):
-    c = load(write(tmp_path, SEED_CONFIG), {})
-    assert "storage.filesystem.rootdirectory" not in c.ignored
-    assert "auth.htpasswd.path" in c.ignored or "auth.htpasswd.realm" in c.ignored
+    c = load(write(tmp_path, SEED_CONFIG + "redis:\n  addr: localhost:6379\n"), {})
+    assert "storage.filesystem.rootdirectory" not in c.ignored and "auth.htpasswd.path" not in c.ignored
+    assert "redis" in c.ignored and "health" in c.ignored
 
 
 @pytest.mark.parametrize("text,seconds", [("10s", 10), ("168h", 168 * 3600), ("1h30m", 5400),
@@ -145,3 +145,34 @@ def test_schema_knows_the_documented_top_level_sections():
     for section in ("version", "log", "storage", "auth", "middleware", "http", "notifications",
                     "redis", "health", "proxy", "validation"):
         assert section in config.SCHEMA
+
+
+@pytest.mark.parametrize("text,message", [
+    ("auth:\n  htpasswd: {realm: r, path: /p}\n  token: {realm: r, service: s, issuer: i, rootcertbundle: /b}\n",
+     "one method"),
+    ("auth:\n  silly: {realm: r, service: s}\n", "silly"),
+    ("auth:\n  htpasswd: {realm: r}\n", "auth.htpasswd.path"),
+    ("auth:\n  token: {realm: r, issuer: i, rootcertbundle: /b}\n", "auth.token.service"),
+    ("auth:\n  token: {service: s, issuer: i, rootcertbundle: /b}\n", "auth.token.realm"),
+    ("auth:\n  token: {realm: r, service: s, issuer: i}\n", "rootcertbundle"),
+    ("auth:\n  token: {service: s, issuer: i}\n  tokenserver: {htpasswd: /h}\n", "signingkey"),
+    ("http:\n  tls: {certificate: /c}\n", "http.tls.key"),
+    ("http:\n  tls: {certificate: /c, key: /k, clientauth: maybe}\n", "clientauth"),
+    ("auth:\n  accesscontrol: {polcy: /p}\n", "auth.accesscontrol.polcy"),
+])
+def test_auth_and_tls_errors_are_named(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, "version: 0.1\nstorage:\n  filesystem: {rootdirectory: /d}\n" + text), {})
+
+
+def test_auth_modes(tmp_path):
+    fs = "storage:\n  filesystem: {rootdirectory: /d}\n"
+    c = load(write(tmp_path, "version: 0.1\n" + fs + "auth:\n  htpasswd: {realm: r, path: /auth/htpasswd}\n"), {})
+    assert (c.auth_mode, c.auth_realm, c.htpasswd_path) == ("htpasswd", "r", "/auth/htpasswd")
+    c = load(None, {"REGISTRY_AUTH_TOKEN_SERVICE": "s", "REGISTRY_AUTH_TOKEN_ISSUER": "i",
+                    "REGISTRY_AUTH_TOKENSERVER_HTPASSWD": "/h", "REGISTRY_AUTH_TOKENSERVER_SIGNINGKEY": "/k.pem",
+                    "REGISTRY_AUTH_TOKENSERVER_EXPIRATION": "10m"})
+    assert c.auth_mode == "token" and c.tokenserver and c.tokenserver_cert == "/k.pem.crt"
+    assert c.tokenserver_expiration == 600
+    c = load(write(tmp_path, "version: 0.1\n" + fs + "http:\n  tls: {certificate: /c, key: /k, clientcas: [/ca]}\n"), {})
+    assert c.tls_clientcas == ["/ca"] and c.tls_clientauth == "require-and-verify-client-cert"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 from aiohttp import web
 
 from ..config import Config
 from ..registry import Registry
 from ..storage import StorageDriver, create_driver
-from . import base, blobs, catalog, manifests, referrers, tags, uploads
+from . import auth, base, blobs, catalog, manifests, referrers, tags, token, uploads
 from .common import API_VERSION, CONFIG_KEY, REGISTRY_KEY
 from .errors import error_middleware
 
@@ -17,8 +20,15 @@ def make_registry(config: Config, driver: StorageDriver | None = None) -> Regist
     return Registry(driver, delete_enabled=config.delete_enabled, readonly=config.readonly)
 
 
-def make_app(config: Config, registry: Registry | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=4 << 20)
+def make_app(config: Config, registry: Registry | None = None,
+             clock: Callable[[], float] = time.time) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth.auth_middleware], client_max_size=4 << 20)
+    controller, issuer = auth.build(config, clock)
+    if controller is not None:
+        app[auth.CONTROLLER_KEY] = controller
+    if issuer is not None:
+        app[auth.ISSUER_KEY] = issuer
+        token.setup_routes(app)
     app[CONFIG_KEY] = config
     app[REGISTRY_KEY] = registry or make_registry(config)
     extra = [(k, v) for k, values in config.headers.items() for v in values]

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from ..errors import BlobUnknown
 from ..reference import parse_digest
+from .auth import requires
 from .common import registry, repository
 from .sendfile import send_file
 
@@ -35,6 +36,7 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
+@requires("pull")
 async def get_blob(request: web.Request) -> web.StreamResponse:
     repo = repository(request)
     d = parse_digest(request.match_info["digest"])
@@ -75,6 +77,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@requires("delete")
 async def delete_blob(request: web.Request) -> web.Response:
     registry(request).check_deletable()
     repo = repository(request)

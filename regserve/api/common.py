@@ -28,12 +28,12 @@ def repository(request: web.Request) -> Repository:
     return registry(request).repository(request.match_info["name"])
 
 
-def url_for(request: web.Request, path: str) -> str:
+def url_for(request: web.Request, path: str, absolute: bool = False) -> str:
     """Location URLs: relative when configured, else absolute on the host the client used
     (or http.host), honouring a proxy's X-Forwarded-* headers as distribution does."""
     config = request.app[CONFIG_KEY]
     path = config.prefix + path
-    if config.relative_urls:
+    if config.relative_urls and not absolute:
         return path
     if config.host:
         return config.host.rstrip("/") + path

@@ -6,9 +6,11 @@ from aiohttp import web
 
 from ..errors import ManifestTooBig
 from ..registry.manifests import MAX_MANIFEST_BYTES
+from .auth import requires
 from .common import registry, repository, url_for
 
 
+@requires("pull")
 async def get_manifest(request: web.Request) -> web.Response:
     repo = repository(request)
     d, payload, media_type = await repo.manifests.get(request.match_info["reference"])
@@ -36,6 +38,7 @@ async def _read_manifest(request: web.Request) -> bytes:
         parts.append(chunk)
 
 
+@requires("pull", "push")
 async def put_manifest(request: web.Request) -> web.Response:
     registry(request).check_writable()
     repo = repository(request)
@@ -49,6 +52,7 @@ async def put_manifest(request: web.Request) -> web.Response:
     return web.Response(status=201, headers=headers)
 
 
+@requires("delete")
 async def delete_manifest(request: web.Request) -> web.Response:
     registry(request).check_deletable()
     repo = repository(request)

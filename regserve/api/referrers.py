@@ -8,9 +8,11 @@ from aiohttp import web
 
 from ..reference import parse_digest
 from ..registry.manifests import OCI_INDEX
+from .auth import requires
 from .common import repository
 
 
+@requires("pull")
 async def list_referrers(request: web.Request) -> web.Response:
     repo = repository(request)
     subject = parse_digest(request.match_info["digest"])

@@ -17,6 +17,7 @@ from aiohttp import web
 
 STALL_TIMEOUT_MS = 120_000  # a client that takes nothing for this long is dropped
 SMALL = 64 << 10           # below this a read+write beats a thread handoff
+SENDFILE_STEP = 4 << 20     # per sendfile call, as Go does: the thread re-checks the socket often
 _pool = ThreadPoolExecutor(max_workers=128, thread_name_prefix="sendfile")
 
 
@@ -25,7 +26,7 @@ def _send_blocking(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
     poller.register(sock_fd, select.POLLOUT)
     while count > 0:
         try:
-            sent = os.sendfile(sock_fd, file_fd, offset, min(count, 1 << 30))
+            sent = os.sendfile(sock_fd, file_fd, offset, min(count, SENDFILE_STEP))
         except BlockingIOError:
             if not poller.poll(STALL_TIMEOUT_MS):
                 raise ConnectionResetError("client stalled") from None

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .auth import requires
 from .common import paginate, repository
 
 
+@requires("pull")
 async def list_tags(request: web.Request) -> web.Response:
     repo = repository(request)
     tags, headers = paginate(await repo.tags.all(), request, f"/v2/{repo.name}/tags/list")

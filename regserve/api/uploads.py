@@ -7,6 +7,7 @@ from aiohttp import web
 from ..errors import DigestInvalid, NameInvalid, UploadRangeInvalid
 from ..reference import parse_digest
 from ..registry.uploads import UploadSession
+from .auth import may, requires
 from .common import (blob_location, body_chunks, content_range, registry, repository,
                      url_for)
 
@@ -29,6 +30,7 @@ def _created(request: web.Request, name: str, digest: str) -> web.Response:
                                              "Content-Length": "0"})
 
 
+@requires("pull", "push")
 async def start_upload(request: web.Request) -> web.Response:
     registry(request).check_writable()
     repo = repository(request)
@@ -36,7 +38,7 @@ async def start_upload(request: web.Request) -> web.Response:
     if "mount" in query:
         d = parse_digest(query["mount"])
         source_name = query.get("from")
-        if source_name:
+        if source_name and may(request, source_name, "pull"):  # no mounting what one may not read
             try:
                 source = registry(request).repository(source_name)
             except NameInvalid:
@@ -54,6 +56,7 @@ async def start_upload(request: web.Request) -> web.Response:
     return web.Response(status=202, headers=headers)
 
 
+@requires("pull", "push")
 async def patch_upload(request: web.Request) -> web.Response:
     registry(request).check_writable()
     repo = repository(request)
@@ -67,6 +70,7 @@ async def patch_upload(request: web.Request) -> web.Response:
     return web.Response(status=202, headers=_status_headers(request, session, size))
 
 
+@requires("pull", "push")
 async def finish_upload(request: web.Request) -> web.Response:
     registry(request).check_writable()
     repo = repository(request)
@@ -84,12 +88,14 @@ async def finish_upload(request: web.Request) -> web.Response:
     return _created(request, repo.name, str(info.digest))
 
 
+@requires("pull", "push")
 async def upload_status(request: web.Request) -> web.Response:
     repo = repository(request)
     session = await repo.uploads.open(request.match_info["upload_id"])
     return web.Response(status=204, headers=_status_headers(request, session, await session.size()))
 
 
+@requires("pull", "push")
 async def cancel_upload(request: web.Request) -> web.Response:
     registry(request).check_writable()
     repo = repository(request)

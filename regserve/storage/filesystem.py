@@ -25,6 +25,7 @@ T = TypeVar("T")
 IOV_MAX = 1024
 LOCK_WAIT_SECONDS = 10.0
 SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_STEP = 8 << 20  # start writeback of this much at a time: large I/O, little dirty memory
 
 
 def _load_sync_file_range():
@@ -78,11 +79,14 @@ class FilesystemWriter(FileWriter):
         self._driver, self._full, self._fd = driver, full, fd
         self.size = os.fstat(fd).st_size
         self._own: ThreadPoolExecutor | None = None  # one thread: keeps overlapping writes in order
+        self._unflushed = self.size  # where writeback has not been started yet
 
     def _write_and_flush_early(self, chunks: Sequence[bytes], offset: int) -> None:
         _write_all(self._fd, chunks)
-        if _sync_file_range is not None:
-            _sync_file_range(self._fd, offset, sum(map(len, chunks)), SYNC_FILE_RANGE_WRITE)
+        end = offset + sum(map(len, chunks))
+        if _sync_file_range is not None and end - self._unflushed >= WRITEBACK_STEP:
+            _sync_file_range(self._fd, self._unflushed, end - self._unflushed, SYNC_FILE_RANGE_WRITE)
+            self._unflushed = end
 
     async def write(self, chunks: Sequence[bytes], small: bool = False) -> None:
         offset = self.size

@@ -1,0 +1,70 @@
+"""The built-in token server (Docker token spec): GET /token with Basic credentials, and the
+OAuth2 POST /token with the password and refresh_token grants."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..auth.scopes import parse_scopes
+from ..auth.tokens import TokenError
+from ..errors import Unauthorized
+from .auth import CONTROLLER_KEY, ISSUER_KEY
+from .errors import error_response
+
+
+def _oauth_error(status: int, error: str, description: str) -> web.Response:
+    return web.json_response({"error": error, "error_description": description}, status=status)
+
+
+async def get_token(request: web.Request) -> web.Response:
+    controller, issuer = request.app[CONTROLLER_KEY], request.app[ISSUER_KEY]
+    service = request.query.get("service", controller.service)
+    if service != controller.service:
+        return _oauth_error(400, "invalid_request", f"unknown service {service!r}")
+    try:
+        user = await controller.login(request.headers.get("Authorization"))
+    except Unauthorized as err:
+        return error_response(err)
+    access = controller.grantable(user, parse_scopes(request.query.getall("scope", [])))
+    token, expires_in, issued_at = issuer.issue(user or "", service, access)
+    body = {"token": token, "access_token": token, "expires_in": expires_in, "issued_at": issued_at}
+    if user and request.query.get("offline_token") == "true":
+        body["refresh_token"] = issuer.refresh_token(user, service)
+    return web.json_response(body)
+
+
+async def post_token(request: web.Request) -> web.Response:
+    controller, issuer = request.app[CONTROLLER_KEY], request.app[ISSUER_KEY]
+    form = await request.post()
+    service = str(form.get("service", controller.service))
+    if service != controller.service:
+        return _oauth_error(400, "invalid_request", f"unknown service {service!r}")
+    grant = form.get("grant_type")
+    if grant == "password":
+        user = str(form.get("username", ""))
+        if not user or controller.htpasswd is None or not await controller.htpasswd.verify(
+                user, str(form.get("password", ""))):
+            return _oauth_error(401, "invalid_grant", "invalid username or password")
+    elif grant == "refresh_token":
+        try:
+            user = issuer.check_refresh(str(form.get("refresh_token", "")), service)
+        except TokenError as e:
+            return _oauth_error(401, "invalid_grant", str(e))
+        if controller.htpasswd is None or user not in controller.htpasswd.users():
+            return _oauth_error(401, "invalid_grant", "the user no longer exists")
+    else:
+        return _oauth_error(400, "unsupported_grant_type", "use grant_type password or refresh_token")
+    access = controller.grantable(user, parse_scopes([str(form.get("scope", ""))]))
+    token, expires_in, issued_at = issuer.issue(user, service, access)
+    body = {"access_token": token, "token": token, "scope": " ".join(a.scope() for a in access),
+            "expires_in": expires_in, "issued_at": issued_at}
+    if form.get("access_type") == "offline":
+        body["refresh_token"] = issuer.refresh_token(user, service)
+    elif grant == "refresh_token":
+        body["refresh_token"] = str(form.get("refresh_token"))
+    return web.json_response(body)
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/token", get_token)
+    app.router.add_post("/token", post_token)

@@ -1,0 +1,180 @@
+"""Apache htpasswd files with bcrypt hashes, as `htpasswd -B` writes them.
+
+Verification runs bcrypt in a thread (it is slow by design and must never block the event loop)
+and remembers a verified credential briefly, keyed by an HMAC of user and password under a
+per-process random key, never the password itself. Concurrent requests with the same new
+credential share one bcrypt run. The file is re-read when it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import bcrypt
+
+log = logging.getLogger("regserve.auth")
+BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
+CACHE_SECONDS = 60.0
+_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bcrypt")
+
+
+class HtpasswdError(Exception):
+    pass
+
+
+def parse(text: str, source: str = "htpasswd") -> dict[str, bytes]:
+    users: dict[str, bytes] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not user or not hashed:
+            raise HtpasswdError(f"{source} line {number}: expected user:hash")
+        if not hashed.startswith(BCRYPT_PREFIXES):
+            kind = ("MD5 (apr1)" if hashed.startswith("$apr1$") else "SHA-1" if hashed.startswith("{SHA}")
+                    else "crypt or plain text")
+            raise HtpasswdError(f"{source} line {number}: user {user!r} has a {kind} hash; only bcrypt "
+                                "is accepted (htpasswd -B)")
+        users[user] = hashed.encode()
+    return users
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    # bcrypt treats $2y$ (PHP/Apache) exactly as $2b$; normalise for libraries that want $2b$.
+    if hashed.startswith(b"$2y$"):
+        hashed = b"$2b$" + hashed[4:]
+    try:
+        return bcrypt.checkpw(password, hashed)
+    except ValueError:
+        return False
+
+
+class Htpasswd:
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self.clock = clock
+        self._users: dict[str, bytes] = {}
+        self._stamp: tuple | None = None
+        self._key = secrets.token_bytes(32)
+        self._verified: dict[bytes, float] = {}
+        self._inflight: dict[bytes, asyncio.Future] = {}
+        self.load(strict=True)
+
+    def _file_stamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+            return (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            return None
+
+    def load(self, strict: bool = False) -> None:
+        """Read the file. At start a bad file is fatal; later, the old users stay in force."""
+        stamp = self._file_stamp()
+        try:
+            with open(self.path) as f:
+                users = parse(f.read(), self.path)
+        except (OSError, HtpasswdError) as e:
+            if strict:
+                raise HtpasswdError(str(e)) from None
+            log.error("keeping the previous htpasswd users: %s", e)
+            self._stamp = stamp
+            return
+        self._users, self._stamp = users, stamp
+        self._verified.clear()  # a changed file revokes every remembered credential
+
+    def _maybe_reload(self) -> None:
+        if self._file_stamp() != self._stamp:
+            self.load()
+
+    def users(self) -> list[str]:
+        self._maybe_reload()
+        return sorted(self._users)
+
+    async def verify(self, user: str, password: str) -> bool:
+        self._maybe_reload()
+        hashed = self._users.get(user)
+        if hashed is None:
+            return False
+        key = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+        now = self.clock()
+        until = self._verified.get(key)
+        if until is not None and until > now:
+            return True
+        pending = self._inflight.get(key)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = loop.run_in_executor(_pool, _checkpw, password.encode(), hashed)
+            self._inflight[key] = pending
+            try:
+                ok = await pending
+            finally:
+                self._inflight.pop(key, None)
+        else:
+            ok = await pending
+        if ok:
+            self._verified[key] = now + CACHE_SECONDS
+        return ok
+
+
+# -- editing, for `regserve htpasswd` ----------------------------------------------------------
+
+def hash_password(password: str, cost: int = 10) -> str:
+    """bcrypt with Apache's $2y$ prefix, which both Apache's htpasswd and bcrypt libraries read."""
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost)).decode()
+    return "$2y$" + hashed[4:]
+
+
+def read_lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def write_lines(path: str, lines: list[str]) -> None:
+    """Atomic replace, keeping the file's mode (0600 for a new file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o600
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".htpasswd-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def set_user(path: str, user: str, password: str, cost: int = 10) -> None:
+    if not user or ":" in user:
+        raise HtpasswdError("user names may not be empty or contain ':'")
+    lines = [line for line in read_lines(path) if line.partition(":")[0] != user]
+    lines.append(f"{user}:{hash_password(password, cost)}")
+    write_lines(path, lines)
+
+
+def remove_user(path: str, user: str) -> bool:
+    lines = read_lines(path)
+    kept = [line for line in lines if line.partition(":")[0] != user]
+    if len(kept) == len(lines):
+        return False
+    write_lines(path, kept)
+    return True
