@@ -1,0 +1,40 @@
+"""The benchmark harness itself works (small sizes, regserve only): behaviour, not timings."""
+
+from pathlib import Path
+
+from benchmarks import scenarios as sc
+from benchmarks.run import parse_size, summarise, table
+from benchmarks.servers import Regserve
+
+
+def test_scenarios_run_against_regserve(tmp_path: Path):
+    srv = Regserve(tmp_path / "rs", workers=1)
+    srv.workdir.mkdir(parents=True)
+    srv.start()
+    try:
+        big = sc.BlobFile.create(tmp_path / "big.bin", 6 << 20)
+        small = sc.BlobFile.create(tmp_path / "small.bin", 50 * 4096)
+        assert sc.push_large(srv, big)["MiB/s"] > 0
+        assert sc.push_large(srv, big, chunk=1 << 20)["MiB/s"] > 0
+        assert sc.pull_large(srv, big)["MiB/s"] > 0
+        sc.push_large(srv, big, repo="bench/mid")
+        assert sc.pull_concurrent(srv, big, 4)["MiB/s"] > 0
+        assert sc.range_get(srv, big, 20, 4)["req/s"] > 0
+        assert sc.push_many_small(srv, small, 50, 4096, 8)["single_request"] is True
+        sc.prepare_manifest(srv)
+        assert sc.manifest_ops(srv, "HEAD", 100, 8)["req/s"] > 0
+        assert sc.resume(srv, big, cut=False)["works"] is True
+        cut = sc.resume(srv, big, cut=True)
+        assert cut["works"] is True and cut["kept_MiB"] > 0
+        assert srv.peak_rss_mib() > 0 and srv.cpu_seconds() > 0
+    finally:
+        srv.stop()
+
+
+def test_report_helpers():
+    assert parse_size("64M") == 64 << 20 and parse_size("4G") == 4 << 30 and parse_size("512K") == 512 << 10
+    records = [{"scenario": "s", "server": n, "round": r, "MiB/s": v}
+               for n, vals in (("a", [10, 30, 20]), ("b", [5, 5, 10])) for r, v in enumerate(vals)]
+    (summary,) = summarise(records, ("a", "b"))
+    assert summary["MiB/s"]["a"]["median"] == 20 and summary["MiB/s"]["ratio"] == 4.0
+    assert "4.00×" in table([summary], ("a", "b"))
