@@ -43,3 +43,13 @@ storage:
     c = await aiohttp_client(make_app(config.load(str(cfg), {})))
     r = await c.get("/v2/")
     assert r.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_http_prefix_mounts_the_api(aiohttp_client, app_factory):
+    c = await aiohttp_client(app_factory(REGISTRY_HTTP_PREFIX="/registry/"))
+    assert (await c.get("/registry/v2/")).status == 200
+    assert (await c.get("/v2/")).status == 404
+    r = await c.post("/registry/v2/foo/blobs/uploads/")
+    assert r.status == 202 and r.headers["Location"].startswith("/registry/v2/foo/blobs/uploads/")
+    r = await c.patch(r.headers["Location"], data=b"abc")
+    assert r.status == 202

@@ -179,3 +179,45 @@ async def test_big_unauthenticated_patch_keeps_connection(aiohttp_server, data_d
         assert r.status == 202
         r = await s.put(server.make_url(loc + f"?digest={digest_of(body)}"), headers=auth)
         assert r.status == 201
+
+
+async def test_missing_file_is_provisioned_like_distribution(aiohttp_client, data_dir, tmp_path, caplog):
+    """The seed deployment starts the registry before creating /auth/htpasswd."""
+    path = tmp_path / "auth" / "htpasswd"
+    with caplog.at_level("WARNING"):
+        client = await aiohttp_client(make_app(cfg(data_dir, path)))
+    line = path.read_text().strip()
+    assert line.startswith("docker:$2y$") and oct(path.stat().st_mode & 0o777) == "0o600"
+    password = caplog.text.split("password ")[-1].split()[0]
+    assert (await client.get("/v2/", headers=basic("docker", password))).status == 200
+    htpasswd_file(path, {"myuser": "Swordfish"})  # then the operator adds users, as the seed does
+    assert (await client.get("/v2/", headers=basic("myuser", "Swordfish"))).status == 200
+
+
+def test_cli_prompts_for_the_password_on_a_terminal(tmp_path):
+    """Without --stdin the password is asked twice on the terminal, never taken from argv."""
+    import pty
+    import sys
+    import time
+    f = tmp_path / "pw"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: regserve on a real terminal
+        os.execv(sys.executable, [sys.executable, "-m", "regserve", "htpasswd", "add", str(f), "tty-user",
+                                  "--cost", "4"])
+    output = b""
+    answers = [b"typed secret\n", b"typed secret\n"]
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+        if answers and output.count(b"password:") >= 3 - len(answers):
+            os.write(fd, answers.pop(0))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, output
+    assert b"typed secret" not in output  # not echoed
+    assert asyncio.run(htpasswd_mod.Htpasswd(str(f)).verify("tty-user", "typed secret"))

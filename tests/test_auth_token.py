@@ -241,3 +241,20 @@ async def test_expired_issued_token(issuing, clock):
     clock.now += 301 + 60
     r = await client.get("/v2/team/app/tags/list", headers=bearer(body["token"]))
     assert r.status == 401 and "invalid_token" in r.headers["WWW-Authenticate"]
+
+
+async def test_jwks_keys_by_kid(aiohttp_client, data_dir, tmp_path, clock):
+    import jwt as pyjwt
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwk["kid"] = "key-2026"
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    env = {"REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(data_dir), "REGISTRY_AUTH_TOKEN_REALM": "https://a/token",
+           "REGISTRY_AUTH_TOKEN_SERVICE": "svc", "REGISTRY_AUTH_TOKEN_ISSUER": "iss",
+           "REGISTRY_AUTH_TOKEN_JWKS": str(tmp_path / "jwks.json")}
+    client = await aiohttp_client(make_app(config_mod.load(None, env), clock=clock))
+    claims = {"iss": "iss", "aud": "svc", "sub": "ci", "exp": clock.now + 60, "access": pull("foo")}
+    good = pyjwt.encode(claims, key, algorithm="RS256", headers={"kid": "key-2026"})
+    assert (await client.get("/v2/foo/tags/list", headers=bearer(good))).status == 404  # authorised; no repo
+    unknown = pyjwt.encode(claims, key, algorithm="RS256", headers={"kid": "other"})
+    assert (await client.get("/v2/foo/tags/list", headers=bearer(unknown))).status == 401

@@ -46,4 +46,8 @@ def make_app(config: Config, registry: Registry | None = None,
     # Order matters where patterns overlap: the most specific resources first.
     for module in (base, catalog, uploads, blobs, manifests, tags, referrers):
         module.setup_routes(app)
+    if config.prefix:  # http.prefix: the API lives below it, as in distribution
+        root = web.Application()
+        root.add_subapp(config.prefix, app)
+        return root
     return app

@@ -10,7 +10,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from ..auth import CATALOG, Access, AccessController, Identity
-from ..auth.htpasswd import Htpasswd
+from ..auth.htpasswd import Htpasswd, provision_if_missing
 from ..auth.policy import Policy
 from ..auth.tokens import TokenIssuer, TokenVerifier, load_or_create_signing_key
 from ..config import Config
@@ -70,6 +70,8 @@ def build(config: Config, clock: Callable[[], float] = time.time) -> tuple[Acces
     policy = Policy.load(config.policy_path) if config.policy_path else None
     if config.auth_mode == "none" and policy is None:
         return None, None
+    if config.htpasswd_path:
+        provision_if_missing(config.htpasswd_path)
     htpasswd = Htpasswd(config.htpasswd_path) if config.htpasswd_path else None
     issuer = verifier = None
     if config.auth_mode == "token":

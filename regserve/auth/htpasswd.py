@@ -126,6 +126,24 @@ class Htpasswd:
         return ok
 
 
+def provision_if_missing(path: str) -> str | None:
+    """distribution's behaviour when the configured file does not exist: create it with the
+    user `docker` and a random password, which is logged once. Returns that password, or None
+    when the file was already there (or another process created it first)."""
+    if os.path.exists(path):
+        return None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    password = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"docker:{hash_password(password)}\n")
+    log.warning("htpasswd %s was missing: provisioned user 'docker' with password %s", path, password)
+    return password
+
+
 # -- editing, for `regserve htpasswd` ----------------------------------------------------------
 
 def hash_password(password: str, cost: int = 10) -> str:
