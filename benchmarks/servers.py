@@ -114,6 +114,20 @@ class Server:
                 continue
         return peak / 1024
 
+    def write_config(self) -> Path:
+        """The settings both registries run with: same storage, no auth, no access log."""
+        cfg = self.workdir / "config.yml"
+        cfg.write_text(f"""version: 0.1
+log: {{level: error, accesslog: {{disabled: true}}}}
+storage:
+  filesystem: {{rootdirectory: {self.data}}}
+  delete: {{enabled: true}}
+  cache: {{blobdescriptor: inmemory}}
+  maintenance: {{uploadpurging: {{enabled: false}}}}
+http: {{addr: 127.0.0.1:{self.port}, secret: bench}}
+""")
+        return cfg
+
     def blob_path(self, digest: str) -> Path:
         alg, hexd = digest.split(":")
         return self.data / f"docker/registry/v2/blobs/{alg}/{hexd[:2]}/{hexd}"
@@ -132,34 +146,15 @@ class Regserve(Server):
         self.workers = workers
 
     def command(self) -> list[str]:
-        cfg = self.workdir / "config.yml"
-        cfg.write_text(f"""version: 0.1
-log: {{level: warn, accesslog: {{disabled: true}}}}
-storage:
-  filesystem: {{rootdirectory: {self.data}}}
-  delete: {{enabled: true}}
-  cache: {{blobdescriptor: inmemory}}
-  maintenance: {{uploadpurging: {{enabled: false}}}}
-http: {{addr: 127.0.0.1:{self.port}, secret: bench}}
-""")
-        return [sys.executable, "-m", "regserve", "serve", str(cfg), "--workers", str(self.workers)]
+        return [sys.executable, "-m", "regserve", "serve", str(self.write_config()), "--workers",
+                str(self.workers)]
 
 
 class Distribution(Server):
     name = "distribution"
 
     def command(self) -> list[str]:
-        cfg = self.workdir / "config.yml"
-        cfg.write_text(f"""version: 0.1
-log: {{level: error, accesslog: {{disabled: true}}}}
-storage:
-  filesystem: {{rootdirectory: {self.data}}}
-  delete: {{enabled: true}}
-  cache: {{blobdescriptor: inmemory}}
-  maintenance: {{uploadpurging: {{enabled: false}}}}
-http: {{addr: 127.0.0.1:{self.port}, secret: bench}}
-""")
-        return [ensure_reference(), "serve", str(cfg)]
+        return [ensure_reference(), "serve", str(self.write_config())]
 
     def version(self) -> str:
         r = subprocess.run([ensure_reference(), "--version"], capture_output=True, text=True)

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from .conftest import OCI_INDEX, OCI_MANIFEST, digest_of, image_manifest
 
 CONFIG = b"{}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import ssl
-import subprocess
 import urllib.request
 from pathlib import Path
 

@@ -9,7 +9,7 @@ from regserve.api import make_app
 from regserve.auth.policy import Policy, PolicyError
 
 from .authutil import basic, htpasswd_file
-from .conftest import OCI_MANIFEST, digest_of, image_manifest
+from .conftest import digest_of
 
 POLICY = """
 groups:

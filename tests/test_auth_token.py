@@ -11,7 +11,7 @@ from regserve import config as config_mod
 from regserve.api import make_app
 
 from .authutil import Clock, TokenMaker, basic, bearer, htpasswd_file, pull, push, write_pem
-from .conftest import OCI_MANIFEST, digest_of, image_manifest
+from .conftest import digest_of
 
 BLOB = os.urandom(30_000)
 

@@ -15,7 +15,6 @@ from .conftest import ROOT, http, require_tool
 from .oci_layout import build_image, build_index
 
 
-
 @pytest.fixture(autouse=True)
 def _skopeo_present():
     require_tool("skopeo", "real client for end-to-end tests")

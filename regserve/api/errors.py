@@ -8,7 +8,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from ..errors import (ManifestTooBig, ReadOnly, RegistryError, UploadRangeInvalid)
+from ..errors import ManifestTooBig, ReadOnly, RegistryError, UploadRangeInvalid
 
 log = logging.getLogger("regserve.api")
 

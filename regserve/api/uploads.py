@@ -8,8 +8,7 @@ from ..errors import DigestInvalid, NameInvalid, UploadRangeInvalid
 from ..reference import parse_digest
 from ..registry.uploads import UploadSession
 from .auth import may, requires
-from .common import (blob_location, body_chunks, content_range, registry, repository,
-                     url_for)
+from .common import blob_location, body_chunks, content_range, registry, repository, url_for
 
 CHUNK_MIN_LENGTH = 1 << 20  # a hint: smaller chunks are accepted, but cost a request each
 

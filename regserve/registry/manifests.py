@@ -7,8 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import (ManifestBlobUnknown, ManifestInvalid, ManifestTooBig, ManifestUnknown,
-                      NameUnknown)
+from ..errors import ManifestBlobUnknown, ManifestInvalid, ManifestTooBig, ManifestUnknown, NameUnknown
 from ..reference import TAG_RE, Digest, check_tag, is_digest, parse_digest
 from ..storage import PathNotFound, StorageDriver
 from . import paths

@@ -210,15 +210,19 @@ class UploadSession:
 
     # -- data -------------------------------------------------------------------------------
 
+    async def _positioned(self, writer: FileWriter, chunk: ChunkRange | None) -> list[hashstate.Hasher]:
+        """Check that a chunk continues the upload, and bring the hashers to its end."""
+        if chunk is not None and chunk.start != writer.size:
+            raise UploadRangeInvalid(writer.size, {"expected_start": writer.size,
+                                                   "content_range_start": chunk.start})
+        return await self._resume_hashers(writer.size)
+
     async def append(self, body: AsyncIterator[bytes], chunk: ChunkRange | None = None) -> int:
         """Stream a request body onto the session; returns the new size. Whatever arrives before
         a disconnect is kept (and its hash state saved), so the client can resume from there."""
         writer = await self._open()
         try:
-            if chunk is not None and chunk.start != writer.size:
-                raise UploadRangeInvalid(writer.size, {"expected_start": writer.size,
-                                                       "content_range_start": chunk.start})
-            hashers = await self._resume_hashers(writer.size)
+            hashers = await self._positioned(writer, chunk)
             await self._stream(writer, hashers, body)
             return writer.size
         finally:
@@ -233,10 +237,7 @@ class UploadSession:
         """Append an optional last chunk, verify the digest and commit the blob atomically."""
         writer = await self._open()
         try:
-            if chunk is not None and chunk.start != writer.size:
-                raise UploadRangeInvalid(writer.size, {"expected_start": writer.size,
-                                                       "content_range_start": chunk.start})
-            hashers = await self._resume_hashers(writer.size)
+            hashers = await self._positioned(writer, chunk)
             if body is not None:
                 await self._stream(writer, hashers, body)
             actual = await self._digest_of(hashers, digest.algorithm, writer.size)
