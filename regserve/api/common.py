@@ -8,7 +8,7 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from ..config import Config
-from ..errors import BlobUploadInvalid
+from ..errors import BlobUploadInvalid, PaginationInvalid
 from ..reference import Digest
 from ..registry import Registry, Repository
 from ..registry.uploads import ChunkRange
@@ -72,7 +72,6 @@ def content_range(request: web.Request) -> ChunkRange | None:
 def paginate(items: list[str], request: web.Request, path: str,
              max_entries: int | None = None) -> tuple[list[str], dict[str, str]]:
     """`n`/`last` pagination with the RFC 5988 Link header, over a sorted list."""
-    from ..errors import PaginationInvalid
     last = request.query.get("last")
     n_param = request.query.get("n")
     if last:

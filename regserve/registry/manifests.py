@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ManifestBlobUnknown, ManifestInvalid, ManifestTooBig, ManifestUnknown, NameUnknown
+from ..errors import DigestInvalid, ManifestBlobUnknown, ManifestInvalid, ManifestTooBig, ManifestUnknown, NameUnknown
 from ..reference import TAG_RE, Digest, check_tag, is_digest, parse_digest
 from ..storage import PathNotFound, StorageDriver
 from . import paths
@@ -250,7 +250,6 @@ class Manifests:
             expected = parse_digest(reference)
             actual = compute_digest(payload, expected.algorithm)
             if actual != expected:
-                from ..errors import DigestInvalid
                 raise DigestInvalid({"expected": str(expected), "actual": str(actual)},
                                     "manifest digest did not match the reference")
             tag = None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import time
 
 from ..errors import ReadOnly, Unsupported
 from ..reference import check_name
@@ -59,7 +61,6 @@ class Registry:
     async def purge_uploads(self, older_than: float, dry_run: bool = False) -> list[str]:
         """Remove upload sessions started more than `older_than` seconds ago (distribution's
         maintenance.uploadpurging)."""
-        import time
         cutoff = time.time() - older_than
         purged = []
         for name in await self.catalog_all_with_uploads():
@@ -113,7 +114,6 @@ def _walk_local(root: str) -> list[str]:
 
 
 async def _started_at(driver: StorageDriver, path: str) -> float | None:
-    import datetime as dt
     try:
         text = (await driver.get_content(path)).decode().strip()
         return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
