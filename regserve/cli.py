@@ -15,6 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("config", nargs="?", help="distribution-style config.yml (default: "
                        "$REGISTRY_CONFIGURATION_PATH, else 127.0.0.1:5000 over ./data)")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    gc = sub.add_parser("garbage-collect", help="delete blobs no manifest references (registry stopped "
+                        "or read-only), as distribution's garbage-collect")
+    gc.add_argument("config", nargs="?", help="the registry's config.yml")
+    gc.add_argument("-d", "--dry-run", action="store_true", help="only list what would be deleted")
+    gc.add_argument("-m", "--delete-untagged", action="store_true",
+                    help="also delete manifests no tag reaches (kept: children of kept indexes, referrers)")
     users = sub.add_parser("htpasswd", help="manage users of a bcrypt htpasswd file")
     users.add_argument("action", choices=["add", "remove", "list"])
     users.add_argument("file")
@@ -49,7 +55,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "htpasswd":
         return htpasswd_command(args)
+    if args.command == "garbage-collect":
+        return garbage_collect_command(args)
     return 2
+
+
+def garbage_collect_command(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .api.app import make_registry
+    from .registry.gc import collect
+    try:
+        config = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        print(f"regserve: configuration error: {e}", file=sys.stderr)
+        return 2
+    registry = make_registry(config)
+
+    async def run() -> None:
+        try:
+            await collect(registry, dry_run=args.dry_run, delete_untagged=args.delete_untagged)
+        finally:
+            await registry.driver.close()
+
+    asyncio.run(run())
+    return 0
 
 
 def _read_password(args: argparse.Namespace) -> str:

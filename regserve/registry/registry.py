@@ -86,22 +86,29 @@ class Registry:
         return purged
 
     async def catalog_all_with_uploads(self) -> list[str]:
-        """Repositories, including ones that have uploads but no manifest yet."""
+        """Repositories that have an upload area."""
         names: list[str] = []
-        await self._walk(paths.REPOSITORIES, "", names, marker="_uploads")
+        await self._walk(paths.REPOSITORIES, "", names, markers=("_uploads",))
         return names
 
-    async def _walk(self, path: str, prefix: str, out: list[str], marker: str = "_manifests") -> None:
+    async def all_repositories(self) -> list[str]:
+        """Every repository with anything in it: manifests, layer links or uploads."""
+        names: list[str] = []
+        await self._walk(paths.REPOSITORIES, "", names, markers=("_manifests", "_layers", "_uploads"))
+        return sorted(set(names))
+
+    async def _walk(self, path: str, prefix: str, out: list[str],
+                    markers: tuple[str, ...] = ("_manifests",)) -> None:
         try:
             children = await self.driver.list(path)
         except PathNotFound:
             return
         for child in sorted(children):
             base = child.rsplit("/", 1)[1]
-            if base == marker:
+            if base in markers:
                 out.append(prefix.rstrip("/"))
             elif not base.startswith("_"):
-                await self._walk(child, f"{prefix}{base}/", out, marker)
+                await self._walk(child, f"{prefix}{base}/", out, markers)
 
 
 def _walk_local(root: str) -> list[str]:
