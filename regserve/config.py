@@ -219,6 +219,17 @@ class Config:
         return self.storage_params.get("rootdirectory") if self.storage_driver == "filesystem" else None
 
 
+def read_yaml(path: str, what: str) -> Any:
+    """A YAML file's document; ConfigError naming `what` and the path when it cannot be had."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+
+
 def _get(doc: dict[str, Any], dotted: str, default: Any = None) -> Any:
     node: Any = doc
     for part in dotted.split("."):
@@ -237,13 +248,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
         doc: dict[str, Any] = {"version": "0.1", "http": {"addr": "127.0.0.1:5000"},
                                "storage": {"filesystem": {"rootdirectory": "./data"}}}
     else:
-        try:
-            with open(path) as f:
-                doc = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read configuration {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"configuration {path} is not valid YAML: {e}") from None
+        doc = read_yaml(path, "configuration")
         if not isinstance(doc, dict):
             raise ConfigError(f"configuration {path} must be a mapping")
     _apply_env(doc, env)

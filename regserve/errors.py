@@ -89,6 +89,10 @@ class PaginationInvalid(RegistryError):
 class Unauthorized(RegistryError):
     code, message = "UNAUTHORIZED", "authentication required"
 
+    def __init__(self, detail: Any = None, message: str | None = None, challenge: str | None = None) -> None:
+        super().__init__(detail, message)
+        self.challenge = challenge  # the WWW-Authenticate value to answer with
+
 
 class Denied(RegistryError):
     code, message = "DENIED", "requested access to the resource is denied"

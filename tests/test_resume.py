@@ -50,6 +50,8 @@ def upload_offset(url, path, expect=None, timeout=10.0):
 def hashstate_offsets(data: Path, path: str) -> list[int]:
     upload_id = path.rsplit("/", 1)[1]
     d = data / f"docker/registry/v2/repositories/big/_uploads/{upload_id}/hashstates/sha256"
+    if not d.exists():  # the first PATCH has not settled yet
+        return []
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())  # not temp files
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from typing import AsyncIterator
 
 from aiohttp import web
 
 from ..errors import BlobUnknown
 from ..reference import parse_digest
+from ..storage import PathNotFound
 from .auth import requires
 from .common import registry, repository
 from .sendfile import send_file
@@ -60,18 +62,29 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{info.size}"
     response = web.StreamResponse(status=status, headers=headers)
-    local = repo.blobs.store.local_path(info)
+    store = repo.blobs.store
+    local = store.local_path(info)
     count = end - start + 1 if info.size else 0
-    if local is not None:
-        try:
+    tls = request.transport is not None and request.transport.get_extra_info("sslcontext")
+    try:
+        if local is not None and not tls:  # TLS: the bytes must pass through us, no sendfile
             return await send_file(request, response, local, start, count)
-        except FileNotFoundError:
-            repo.blobs.store.forget(d)
-            raise BlobUnknown({"digest": str(d)}) from None
+        return await _stream(request, response, store.reader(info, start, count), count)
+    except (FileNotFoundError, PathNotFound):  # gone since stat: nothing was sent yet
+        store.forget(d)
+        raise BlobUnknown({"digest": str(d)}) from None
+
+
+async def _stream(request: web.Request, response: web.StreamResponse, chunks: AsyncIterator[bytes],
+                  count: int) -> web.StreamResponse:
+    """Send a blob from the storage driver's ranged reader. The first chunk is read before the
+    headers go out, so a missing object still answers 404."""
+    first = await anext(chunks, b"") if count and request.method != "HEAD" else b""
     response.content_length = count
     await response.prepare(request)
-    if request.method != "HEAD":
-        async for chunk in repo.blobs.store.reader(info, start, count):
+    if first:
+        await response.write(first)
+        async for chunk in chunks:
             await response.write(chunk)
     await response.write_eof()
     return response

@@ -8,7 +8,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from ..errors import ManifestTooBig, ReadOnly, RegistryError, UploadRangeInvalid
+from ..errors import ManifestTooBig, ReadOnly, RegistryError, Unauthorized, UploadRangeInvalid
 
 log = logging.getLogger("regserve.api")
 
@@ -35,9 +35,8 @@ def error_response(err: RegistryError, headers: dict[str, str] | None = None) ->
         status = 413
     elif isinstance(err, ReadOnly):
         status = 405
-    challenge = getattr(err, "challenge", None)
-    if challenge:
-        hdrs["WWW-Authenticate"] = challenge
+    if isinstance(err, Unauthorized) and err.challenge:
+        hdrs["WWW-Authenticate"] = err.challenge
     return web.Response(status=status, body=error_body(err.code, err.message, err.detail),
                         content_type="application/json", headers=hdrs)
 

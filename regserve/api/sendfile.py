@@ -49,26 +49,12 @@ async def send_file(request: web.Request, response: web.StreamResponse, path: st
             pass
         elif count <= SMALL:
             await response.write(os.pread(file_fd, count, offset))
-        elif request.transport is not None and request.transport.get_extra_info("sslcontext"):
-            await _send_copied(response, file_fd, offset, count)  # TLS: bytes must pass through
         else:
             await _send_large(request, file_fd, offset, count)
         await response.write_eof()
         return response
     finally:
         os.close(file_fd)
-
-
-async def _send_copied(response: web.StreamResponse, file_fd: int, offset: int,
-                       count: int) -> None:
-    loop = asyncio.get_running_loop()
-    while count > 0:
-        data = await loop.run_in_executor(_pool, os.pread, file_fd, min(count, 1 << 20), offset)
-        if not data:
-            raise ConnectionResetError("blob shorter than expected")
-        await response.write(data)
-        offset += len(data)
-        count -= len(data)
 
 
 async def _send_large(request: web.Request, file_fd: int, offset: int, count: int) -> None:

@@ -26,11 +26,6 @@ class Identity:
     groups: set[str] = field(default_factory=set)
 
 
-def challenged(err: Unauthorized, challenge: str) -> Unauthorized:
-    err.challenge = challenge  # type: ignore[attr-defined]
-    return err
-
-
 def basic_credentials(header: str | None) -> tuple[str, str] | None:
     if not header or not header[:6].lower() == "basic ":
         return None
@@ -111,11 +106,11 @@ class AccessController:
         UNAUTHORIZED for wrong ones."""
         creds = basic_credentials(header)
         if header and creds is None:
-            raise challenged(Unauthorized(None, "malformed credentials"), self._basic_challenge())
+            raise Unauthorized(None, "malformed credentials", challenge=self._basic_challenge())
         if creds is None:
             return None
         if self.htpasswd is None or not await self.htpasswd.verify(*creds):
-            raise challenged(Unauthorized(None, "invalid username or password"), self._basic_challenge())
+            raise Unauthorized(None, "invalid username or password", challenge=self._basic_challenge())
         return creds[0]
 
     async def authorize(self, header: str | None, needs: list[Access], default_realm: str = "") -> Identity:
@@ -127,7 +122,7 @@ class AccessController:
             user = await self.login(header)
             identity = Identity(user, groups=self.policy.groups_of(user) if self.policy else set())
             if user is None and (not needs or not all(self.allows(identity, n) for n in needs)):
-                raise challenged(Unauthorized(None, "authentication required"), self._basic_challenge())
+                raise Unauthorized(None, "authentication required", challenge=self._basic_challenge())
         else:
             identity = Identity(None)
         for need in needs:
@@ -137,17 +132,16 @@ class AccessController:
 
     def _authorize_token(self, header: str | None, needs: list[Access], realm: str) -> Identity:
         if not header or header[:7].lower() != "bearer ":
-            raise challenged(Unauthorized(None, "authentication required"), self.bearer_challenge(realm, needs))
+            raise Unauthorized(None, "authentication required", challenge=self.bearer_challenge(realm, needs))
         assert self.verifier is not None
         try:
             claims = self.verifier.verify(header[7:].strip())
         except TokenError as e:
-            raise challenged(Unauthorized(None, str(e)),
-                             self.bearer_challenge(realm, needs, "invalid_token")) from None
+            raise Unauthorized(None, str(e), challenge=self.bearer_challenge(realm, needs, "invalid_token")) from None
         user = claims.subject or None
         identity = Identity(user, claims.access, self.policy.groups_of(user) if self.policy else set())
         for need in needs:
             if not self.allows(identity, need):
-                raise challenged(Unauthorized({"scope": need.scope()}, "insufficient scope"),
-                                 self.bearer_challenge(realm, needs, "insufficient_scope"))
+                raise Unauthorized({"scope": need.scope()}, "insufficient scope",
+                                   challenge=self.bearer_challenge(realm, needs, "insufficient_scope"))
         return identity

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import yaml
+from ..config import ConfigError, read_yaml
 
 ACTIONS = {"pull", "push", "delete", "*"}
 
@@ -77,12 +77,9 @@ class Policy:
     @classmethod
     def load(cls, path: str) -> "Policy":
         try:
-            with open(path) as f:
-                doc = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise PolicyError(f"cannot read access policy {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise PolicyError(f"access policy {path} is not valid YAML: {e}") from None
+            doc = read_yaml(path, "access policy")
+        except ConfigError as e:
+            raise PolicyError(str(e)) from None
         return cls.parse(doc, path)
 
     @classmethod

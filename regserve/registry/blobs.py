@@ -9,7 +9,7 @@ from typing import AsyncIterator
 
 from ..errors import BlobUnknown
 from ..reference import Digest
-from ..storage import PathNotFound, StorageDriver
+from ..storage import FileWriter, PathNotFound, StorageDriver
 from . import paths
 
 
@@ -81,26 +81,31 @@ class BlobStore:
             await self.driver.put_content(paths.blob_data(d), data)
             self._sizes.put(d, len(data))
 
-    async def temp_path(self, d: Digest) -> str:
+    def temp_path(self, d: Digest) -> str:
         """A private name beside the blob's final one: the commit is a rename within one
         directory, and nothing else (no session directory) has to be created or removed."""
         return f"{paths.blob_dir(d)}/data.tmp-{uuid.uuid4().hex}"
 
     async def discard_temp(self, temp: str, d: Digest) -> None:
-        """Remove a temporary object that was not adopted, and the blob's directory if the
+        """Remove a temporary object that was not published, and the blob's directory if the
         claimed digest turned out wrong and left it empty."""
         try:
             await self.driver.delete(temp)
         except PathNotFound:
-            return  # adopted: renamed into place
+            return
         if not await self.exists(d):
             await self.driver.prune(paths.blob_dir(d))
 
-    async def adopt(self, source_path: str, d: Digest) -> None:
-        """Move a verified, fsynced upload into place. Racing commits of one digest all write
-        identical bytes, and the rename is atomic, so any winner is right."""
-        await self.driver.move(source_path, paths.blob_data(d))
+    async def publish(self, writer: FileWriter, d: Digest) -> bool:
+        """Make a verified upload the blob `d`: fsync and rename into place in one step. When
+        the blob is already there nothing is written (the caller discards its copy). Racing
+        commits of one digest all hold identical bytes and the rename is atomic, so any winner
+        is right. Returns whether this writer's object was published."""
+        if await self.exists(d):
+            return False
+        await writer.commit(paths.blob_data(d))
         self.forget(d)
+        return True
 
     def reader(self, info: BlobInfo, offset: int = 0,
                length: int | None = None) -> AsyncIterator[bytes]:

@@ -63,7 +63,7 @@ class Registry:
         maintenance.uploadpurging)."""
         cutoff = time.time() - older_than
         purged = []
-        for name in await self.catalog_all_with_uploads():
+        for name in await self.all_repositories():
             base = paths.uploads(name)
             try:
                 sessions = await self.driver.list(base)
@@ -84,12 +84,6 @@ class Registry:
                         except PathNotFound:
                             pass
         return purged
-
-    async def catalog_all_with_uploads(self) -> list[str]:
-        """Repositories that have an upload area."""
-        names: list[str] = []
-        await self._walk(paths.REPOSITORIES, "", names, markers=("_uploads",))
-        return names
 
     async def all_repositories(self) -> list[str]:
         """Every repository with anything in it: manifests, layer links or uploads."""

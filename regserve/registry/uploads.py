@@ -16,7 +16,7 @@ import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Iterable
+from typing import AsyncIterator, Awaitable, Callable
 
 from .. import hashstate
 from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, UploadRangeInvalid
@@ -129,10 +129,9 @@ class _Pipeline:
 
 
 class UploadSession:
-    def __init__(self, uploads: "Uploads", upload_id: str, started_at: str) -> None:
+    def __init__(self, uploads: "Uploads", upload_id: str) -> None:
         self.uploads = uploads
         self.id = upload_id
-        self.started_at = started_at
         self.name = uploads.name
         self.driver = uploads.driver
         self.data_path = paths.upload_data(self.name, upload_id)
@@ -245,15 +244,12 @@ class UploadSession:
                 await writer.close()
                 await self.cancel()
                 raise DigestInvalid({"expected": str(digest), "actual": f"{digest.algorithm}:{actual}"})
-            await writer.commit()  # fsync before the blob becomes visible
             size = writer.size
+            await self.uploads.store.publish(writer, digest)
         finally:
             await writer.close()
-        store = self.uploads.store
-        if not await store.exists(digest):
-            await store.adopt(self.data_path, digest)
         await blobs.link(digest)
-        await self.cancel()
+        await self.cancel()  # the session's state, and its data if the blob already existed
         return BlobInfo(digest, size, paths.blob_data(digest))
 
     async def _digest_of(self, hashers: list[hashstate.Hasher], algorithm: str, size: int) -> str:
@@ -275,21 +271,19 @@ class Uploads:
     def __init__(self, driver: StorageDriver, store: BlobStore, name: str) -> None:
         self.driver, self.store, self.name = driver, store, name
 
-    async def create(self, algorithms: Iterable[str] = ("sha256",)) -> UploadSession:
+    async def create(self) -> UploadSession:
+        """A new session: just `startedat` (no saved hash state means: start from zero)."""
         upload_id = str(uuid.uuid4())
         started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         await self.driver.put_content(paths.upload_startedat(self.name, upload_id), started.encode())
-        session = UploadSession(self, upload_id, started)
-        empty = [hashstate.Hasher(a) for a in algorithms]
-        await session._save_states(empty)
-        return session
+        return UploadSession(self, upload_id)
 
     async def put_whole(self, digest: Digest, body: AsyncIterator[bytes], blobs: RepositoryBlobs) -> BlobInfo:
         """A blob sent whole in one request (POST ?digest=). The client never sees a session, so
         none is kept: the body goes to a private temporary object beside the blob's final name,
         is verified and made durable, then renamed into place; on any failure it is removed."""
         store = self.store
-        temp = await store.temp_path(digest)
+        temp = store.temp_path(digest)
         writer = await self.driver.writer(temp)
         published = False
         try:
@@ -298,10 +292,7 @@ class Uploads:
             if hasher.hexdigest() != digest.hex:
                 raise DigestInvalid({"expected": str(digest), "actual": hasher.digest()})
             size = writer.size
-            if not await store.exists(digest):
-                await writer.commit(paths.blob_data(digest))  # fsync, rename into place
-                store.forget(digest)
-                published = True
+            published = await store.publish(writer, digest)
         finally:
             await writer.close()
             if not published:
@@ -313,7 +304,7 @@ class Uploads:
         if not UPLOAD_ID_RE.fullmatch(upload_id):
             raise BlobUploadUnknown({"upload": upload_id})
         try:
-            started = await self.driver.get_content(paths.upload_startedat(self.name, upload_id))
+            await self.driver.stat(paths.upload_startedat(self.name, upload_id))
         except PathNotFound:
             raise BlobUploadUnknown({"upload": upload_id}) from None
-        return UploadSession(self, upload_id, started.decode(errors="replace").strip())
+        return UploadSession(self, upload_id)

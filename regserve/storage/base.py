@@ -31,7 +31,7 @@ class FileInfo:
 
 class FileWriter(abc.ABC):
     """A streaming writer. `close()` keeps what was written so a later writer can append to it;
-    `commit()` makes it durable; `cancel()` removes it.
+    `commit(dest)` makes it durable under its final name; `cancel()` removes it.
 
     `write()` calls may overlap (a caller keeps several batches in flight); they complete in the
     order they were made. `small=True` hints that a thread handoff would cost more than the write.
@@ -43,9 +43,9 @@ class FileWriter(abc.ABC):
     async def write(self, chunks: Sequence[bytes], small: bool = False) -> None: ...
 
     @abc.abstractmethod
-    async def commit(self, dest: str | None = None) -> None:
-        """Make the object durable; with `dest`, also publish it atomically under that name
-        (a new object only appears complete)."""
+    async def commit(self, dest: str) -> None:
+        """Make the object durable and publish it atomically as `dest` (it only ever appears
+        complete there)."""
 
     @abc.abstractmethod
     async def cancel(self) -> None: ...

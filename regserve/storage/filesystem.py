@@ -99,11 +99,8 @@ class FilesystemWriter(FileWriter):
         await asyncio.get_running_loop().run_in_executor(self._own, self._write_and_flush_early,
                                                          chunks, offset)
 
-    async def commit(self, dest: str | None = None) -> None:
-        if dest is None:
-            await self._driver._run(os.fsync, self._fd)
-        else:
-            await self._driver._run(self._publish, self._driver._full(dest))
+    async def commit(self, dest: str) -> None:
+        await self._driver._run(self._publish, self._driver._full(dest))
         await self.close()
 
     def _publish(self, dest_full: str) -> None:
