@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import os
@@ -40,6 +42,22 @@ def listen_socket(host: str, port: int, listen: bool = True) -> socket.socket:
         sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt(3) parameters
+
+
+def tune_malloc() -> None:
+    """Keep request-body buffers (up to a few MiB each, thousands per GiB) in the heap. glibc's
+    defaults hand them back to the kernel as they are freed, by munmap or by trimming the heap,
+    and every new one then costs page faults: profiled, that was two thirds of the event loop's
+    time on a streamed upload. Freed memory stays reusable and bounded by what is in flight."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 16 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own policy
 
 
 def setup_logging(config: Config) -> None:
@@ -129,6 +147,7 @@ def check(config: Config) -> None:
 
 def run(config: Config, workers: int = 1) -> None:
     setup_logging(config)
+    tune_malloc()
     check(config)
     host, port = parse_addr(config.addr)
     # Bound, not yet listening: it reserves the port (and resolves port 0). Only listening

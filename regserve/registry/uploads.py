@@ -10,13 +10,14 @@ arrive, hashing and writing in two threads while the event loop reads the next b
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime as dt
+import queue
 import re
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 from .. import hashstate
 from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, UploadRangeInvalid
@@ -27,7 +28,7 @@ from .blobs import BlobInfo, BlobStore, RepositoryBlobs
 
 UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 BATCH_BYTES = 512 << 10       # handed to the hash/write threads at a time
-IN_FLIGHT_BYTES = 4 << 20     # queued for hashing/writing: bounds memory, and the tail a PATCH waits for
+IN_FLIGHT_BYTES = 8 << 20     # queued for hashing/writing: bounds memory, and the tail a PATCH waits for
 CHECKPOINT_BYTES = 256 << 20     # hash state saved this often within one long request
 _hash_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hash")  # resume/fallback re-hash
 
@@ -42,7 +43,7 @@ class ChunkRange:
         return self.end - self.start + 1
 
 
-def _hash_batch(hashers: list[hashstate.Hasher], batch: list[bytes]) -> None:
+def _hash_batch(hashers: list[hashstate.Hasher], batch: Sequence[bytes]) -> None:
     for h in hashers:
         for chunk in batch:
             h.update(chunk)
@@ -53,7 +54,7 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body:
     """Hash and write a body as it arrives. `checkpoint` (saving the hash state) runs every
     CHECKPOINT_BYTES and at the end, also when the client goes away mid-body: every byte that
     arrived is kept."""
-    pipe = _Pipeline(writer, hashers)
+    pipe: _Pipeline | None = None  # threads start once the body outgrows one batch
     batch: list[bytes] = []
     batched = 0
     since_checkpoint = 0
@@ -64,6 +65,8 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body:
             batch.append(data)
             batched += len(data)
             if batched >= BATCH_BYTES:
+                if pipe is None:
+                    pipe = _Pipeline(writer, hashers)
                 await pipe.submit(batch, batched)
                 since_checkpoint += batched
                 batch, batched = [], 0
@@ -73,12 +76,19 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body:
                     since_checkpoint = 0
     finally:
         async def settle() -> None:
-            try:
-                if batch:
-                    await pipe.submit(batch, batched, last=True)
-                await pipe.drain()
-            finally:
-                pipe.close()
+            if pipe is None:
+                if batch:  # a small body: inline, no threads
+                    _hash_batch(hashers, batch)
+                    await writer.write(batch, small=True)
+            else:
+                try:
+                    if batch:
+                        await pipe.submit(batch, batched)
+                finally:
+                    try:
+                        await pipe.drain()  # even after an error: no thread may outlive the writer
+                    finally:
+                        pipe.close()
             if checkpoint is not None:
                 await checkpoint()
         await asyncio.shield(settle())
@@ -86,46 +96,81 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body:
 
 class _Pipeline:
     """Hashing and writing of one stream, each in a thread of its own so both keep their order,
-    overlapping each other and the event loop's reading of the next batch. At most
-    IN_FLIGHT_BYTES are queued, so memory stays flat whatever the blob size. A body that fits in
-    one batch is hashed and written inline: no thread handoff for small blobs."""
+    overlapping each other and the event loop's reading of the next batch. Batches reach the
+    threads through queues; the loop is woken only when it must wait, when more than
+    IN_FLIGHT_BYTES are queued (bounding memory whatever the blob size) until half of it is done,
+    or at the end."""
 
     def __init__(self, writer: FileWriter, hashers: list[hashstate.Hasher]) -> None:
-        self.writer, self.hashers = writer, hashers
-        self.inflight: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
-        self.queued = 0
-        self.used = False
-        self._hash_thread: ThreadPoolExecutor | None = None
+        self.loop = asyncio.get_running_loop()
+        self.submitted = 0
+        self.done = [0, 0]  # bytes finished by the hashing and the writing thread
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._waiter: asyncio.Future[None] | None = None
+        self._wake_at = 0
+        self._queues: list[queue.SimpleQueue[tuple[Sequence[bytes], int] | None]] = []
+        self._threads = []
+        for index, work in enumerate((lambda parts: _hash_batch(hashers, parts),
+                                      lambda parts: writer.write_from_thread(parts, self.loop))):
+            q: queue.SimpleQueue[tuple[Sequence[bytes], int] | None] = queue.SimpleQueue()
+            t = threading.Thread(target=self._run, args=(index, q, work), daemon=True,
+                                 name=("upload-hash", "upload-write")[index])
+            t.start()
+            self._queues.append(q)
+            self._threads.append(t)
 
-    async def submit(self, parts: list[bytes], nbytes: int, last: bool = False) -> None:
-        if last and not self.used and nbytes < BATCH_BYTES:
-            _hash_batch(self.hashers, parts)
-            await self.writer.write(parts, small=True)
-            return
-        self.used = True
-        if self._hash_thread is None:
-            self._hash_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
-        loop = asyncio.get_running_loop()
-        hashed = loop.run_in_executor(self._hash_thread, _hash_batch, self.hashers, parts)
-        written = asyncio.ensure_future(self.writer.write(parts))
-        self.inflight.append((asyncio.gather(hashed, written), nbytes))
-        self.queued += nbytes
-        while self.queued > IN_FLIGHT_BYTES:
-            await self._retire()
+    def _run(self, index: int, q: "queue.SimpleQueue[tuple[Sequence[bytes], int] | None]",
+             work: Callable[[Sequence[bytes]], None]) -> None:
+        while (item := q.get()) is not None:
+            parts, nbytes = item
+            if self.error is None:  # after an error, batches are only counted off
+                try:
+                    work(parts)
+                except BaseException as e:  # noqa: BLE001 - handed to the request
+                    self.error = e
+            with self._lock:
+                self.done[index] += nbytes
+                waiter = self._waiter
+                if waiter is not None and self.submitted - min(self.done) <= self._wake_at:
+                    self._waiter = None
+                    self.loop.call_soon_threadsafe(_wake, waiter)
 
-    async def _retire(self) -> None:
-        done, nbytes = self.inflight.popleft()
-        self.queued -= nbytes
-        await done
+    async def submit(self, parts: list[bytes], nbytes: int) -> None:
+        with self._lock:
+            self.submitted += nbytes
+        for q in self._queues:
+            q.put((parts, nbytes))
+        if self.submitted - min(self.done) > IN_FLIGHT_BYTES:
+            await self._wait_until(IN_FLIGHT_BYTES // 2)
+        self._raise_error()
 
     async def drain(self) -> None:
-        while self.inflight:
-            await self._retire()
+        """Wait until every batch submitted is done (or skipped after an error), then raise
+        that error."""
+        await self._wait_until(0)
+        self._raise_error()
+
+    async def _wait_until(self, queued: int) -> None:
+        with self._lock:
+            if self.submitted - min(self.done) <= queued:
+                return
+            self._wake_at = queued
+            self._waiter = waiter = self.loop.create_future()
+        await waiter
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
 
     def close(self) -> None:
-        if self._hash_thread is not None:
-            self._hash_thread.shutdown(wait=False)
-            self._hash_thread = None
+        for q in self._queues:
+            q.put(None)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class UploadSession:

@@ -7,6 +7,7 @@ A driver never sees HTTP, and the registry layer never sees the filesystem or S3
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
@@ -33,14 +34,18 @@ class FileWriter(abc.ABC):
     """A streaming writer. `close()` keeps what was written so a later writer can append to it;
     `commit(dest)` makes it durable under its final name; `cancel()` removes it.
 
-    `write()` calls may overlap (a caller keeps several batches in flight); they complete in the
-    order they were made. `small=True` hints that a thread handoff would cost more than the write.
-    `size` counts every byte handed to `write()`, finished or not."""
+    Writes are sequential: one at a time, each appended after the last. `small=True` hints that a
+    thread handoff would cost more than the write. `size` counts the bytes written so far."""
 
     size: int
 
     @abc.abstractmethod
     async def write(self, chunks: Sequence[bytes], small: bool = False) -> None: ...
+
+    def write_from_thread(self, chunks: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        """`write()` for a worker thread of the upload pipeline. Drivers whose I/O blocks write
+        right there; this default hands the batch back to the event loop and waits."""
+        asyncio.run_coroutine_threadsafe(self.write(chunks), loop).result()
 
     @abc.abstractmethod
     async def commit(self, dest: str) -> None:

@@ -78,26 +78,23 @@ class FilesystemWriter(FileWriter):
     def __init__(self, driver: "FilesystemDriver", full: str, fd: int) -> None:
         self._driver, self._full, self._fd = driver, full, fd
         self.size = os.fstat(fd).st_size
-        self._own: ThreadPoolExecutor | None = None  # one thread: keeps overlapping writes in order
         self._unflushed = self.size  # where writeback has not been started yet
 
-    def _write_and_flush_early(self, chunks: Sequence[bytes], offset: int) -> None:
+    def _write(self, chunks: Sequence[bytes]) -> None:
         _write_all(self._fd, chunks)
-        end = offset + sum(map(len, chunks))
-        if _sync_file_range is not None and end - self._unflushed >= WRITEBACK_STEP:
-            _sync_file_range(self._fd, self._unflushed, end - self._unflushed, SYNC_FILE_RANGE_WRITE)
-            self._unflushed = end
+        self.size += sum(map(len, chunks))
+        if _sync_file_range is not None and self.size - self._unflushed >= WRITEBACK_STEP:
+            _sync_file_range(self._fd, self._unflushed, self.size - self._unflushed, SYNC_FILE_RANGE_WRITE)
+            self._unflushed = self.size
 
     async def write(self, chunks: Sequence[bytes], small: bool = False) -> None:
-        offset = self.size
-        self.size += sum(map(len, chunks))
         if small:
-            _write_all(self._fd, chunks)
-            return
-        if self._own is None:
-            self._own = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fs-writer")
-        await asyncio.get_running_loop().run_in_executor(self._own, self._write_and_flush_early,
-                                                         chunks, offset)
+            self._write(chunks)
+        else:
+            await self._driver._run(self._write, chunks)
+
+    def write_from_thread(self, chunks: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        self._write(chunks)
 
     async def commit(self, dest: str) -> None:
         await self._driver._run(self._publish, self._driver._full(dest))
@@ -120,9 +117,6 @@ class FilesystemWriter(FileWriter):
             pass
 
     async def close(self) -> None:
-        if self._own is not None:
-            self._own.shutdown(wait=False)
-            self._own = None
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)  # also drops the flock
