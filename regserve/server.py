@@ -17,7 +17,7 @@ import time
 
 from aiohttp import web
 
-from .api.app import make_app, make_registry
+from .api.app import RUNNER_OPTIONS, make_app, make_registry
 from .config import Config
 
 log = logging.getLogger("regserve")
@@ -105,7 +105,7 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 async def serve(config: Config, sock: socket.socket, purge: bool = True) -> None:
     app = make_app(config, make_registry(config))
     runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
-                           handler_cancellation=False, read_bufsize=1 << 20)
+                           **RUNNER_OPTIONS)
     await runner.setup()
     site = web.SockSite(runner, sock, shutdown_timeout=config.drain_timeout or 5.0,
                         ssl_context=tls_context(config))

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from regserve import config as config_mod
 from regserve.api import make_app
+from regserve.api.app import RUNNER_OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -48,6 +51,23 @@ def app_factory(data_dir: Path):
         overrides.setdefault("REGISTRY_HTTP_RELATIVEURLS", "true")
         return make_app(make_config(data_dir, **overrides))
     return factory
+
+
+class RegserveTestServer(TestServer):
+    """An app served with the runner options `regserve serve` uses."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return web.AppRunner(self.app, **{**RUNNER_OPTIONS, **kwargs})
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client):
+    """pytest-aiohttp's client, with applications served by RegserveTestServer."""
+    async def make(app_or_server: Any, **kwargs: Any):
+        if isinstance(app_or_server, web.Application):
+            app_or_server = RegserveTestServer(app_or_server)
+        return await aiohttp_client(app_or_server, **kwargs)
+    return make
 
 
 @pytest.fixture

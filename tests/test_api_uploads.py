@@ -272,3 +272,21 @@ async def test_repush_after_blob_removed_by_another_process(client, data_dir):
     assert r.status == 201
     r = await client.get(f"/v2/foo/blobs/{DIGEST}")
     assert r.status == 200 and await r.read() == BLOB
+
+
+async def test_content_encoding_is_not_decoded(client):
+    """A blob is opaque: gzip bytes sent with Content-Encoding: gzip are stored as sent, as
+    distribution stores them (their digest is of those bytes)."""
+    import gzip
+    data = gzip.compress(os.urandom(300_000))
+    d = digest_of(data)
+    r = await client.post(f"/v2/enc/blobs/uploads/?digest={d}", data=data,
+                          headers={"Content-Encoding": "gzip"})
+    assert r.status == 201, await r.text()
+    r = await start(client, "enc")
+    r = await client.patch(r.headers["Location"], data=data, headers={"Content-Encoding": "gzip"})
+    assert r.status == 202
+    r = await client.put(f"{r.headers['Location']}?digest={d}")
+    assert r.status == 201
+    r = await client.get(f"/v2/enc/blobs/{d}")
+    assert r.status == 200 and await r.read() == data

@@ -15,6 +15,12 @@ from .common import API_VERSION, CONFIG_KEY, REGISTRY_KEY
 from .errors import error_middleware
 
 
+# How connections are served: handlers finish even if the client leaves (an upload keeps what
+# arrived), large reads, and bodies kept as sent: a blob is opaque, so a Content-Encoding header
+# must not make aiohttp decompress it (its digest is of the bytes sent).
+RUNNER_OPTIONS = {"handler_cancellation": False, "read_bufsize": 1 << 20, "auto_decompress": False}
+
+
 def make_registry(config: Config, driver: StorageDriver | None = None) -> Registry:
     driver = driver or create_driver(config.storage_driver, config.storage_params)
     return Registry(driver, delete_enabled=config.delete_enabled, readonly=config.readonly)
