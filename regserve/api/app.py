@@ -14,7 +14,6 @@ from . import auth, base, blobs, catalog, manifests, referrers, tags, token, upl
 from .common import API_VERSION, CONFIG_KEY, REGISTRY_KEY
 from .errors import error_middleware
 
-
 # How connections are served: handlers finish even if the client leaves (an upload keeps what
 # arrived), large reads, and bodies kept as sent: a blob is opaque, so a Content-Encoding header
 # must not make aiohttp decompress it (its digest is of the bytes sent).
