@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -59,7 +61,56 @@ def disk_rates(workdir: Path) -> dict:
     return {"write_fdatasync_MiB/s": write}
 
 
-def machine(workdir: Path) -> dict:
+def loopback_rates(path: Path, rounds: int = 5) -> dict:
+    """How fast this machine moves a cached file to a loopback client that reads into a 4 MiB
+    buffer: by sendfile (regserve's download path), and by read+write through a 32 KiB buffer
+    (distribution 2.8.2's: its storage driver hides the file from Go's sendfile). Both are
+    kernel work with a thin Python loop; neither registry runs here. Medians of `rounds` transfers."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:  # cached, like the blobs the pull scenarios serve
+        while f.read(8 * MIB):
+            pass
+    rates = {}
+    for mode in ("sendfile", "copy"):
+        listener = socket.create_server(("127.0.0.1", 0))
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            fd = os.open(path, os.O_RDONLY)
+            buf = bytearray(32 << 10)
+            try:
+                while conn.recv(1):
+                    offset = 0
+                    while offset < size:
+                        if mode == "sendfile":
+                            offset += os.sendfile(conn.fileno(), fd, offset, min(4 * MIB, size - offset))
+                        else:
+                            n = os.preadv(fd, [buf], offset)
+                            conn.sendall(memoryview(buf)[:n])
+                            offset += n
+            finally:
+                os.close(fd)
+                conn.close()
+
+        server = multiprocessing.get_context("fork").Process(target=serve, daemon=True)
+        server.start()  # a process of its own, as a server is: no GIL shared with the client
+        samples = []
+        with socket.create_connection(listener.getsockname()) as client:
+            view = memoryview(bytearray(4 * MIB))
+            for _ in range(rounds):
+                start = time.perf_counter()
+                client.sendall(b"g")
+                left = size
+                while left:
+                    left -= client.recv_into(view, min(len(view), left))
+                samples.append(size / MIB / (time.perf_counter() - start))
+        server.join()
+        listener.close()
+        rates[f"loopback_{mode}_MiB/s"] = statistics.median(samples)
+    return rates
+
+
+def machine(workdir: Path, probe_file: Path) -> dict:
     cpu = "unknown"
     try:
         for line in open("/proc/cpuinfo"):
@@ -72,7 +123,8 @@ def machine(workdir: Path) -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_GiB": round(mem, 1),
             "kernel": platform.release(), "python": platform.python_version(),
             "sha256_single_core_MiB/s": round(sha256_rate()),
-            **{k: round(v) for k, v in disk_rates(workdir).items()}}
+            **{k: round(v) for k, v in disk_rates(workdir).items()},
+            **{k: round(v) for k, v in loopback_rates(probe_file).items()}}
 
 
 class Harness:
@@ -263,11 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         args.small_count, args.manifest_count, args.range_count, args.rounds = 200, 2000, 100, 2
 
     h = Harness(args)
-    info = machine(h.work)
-    print(json.dumps({"machine": info}), flush=True)
     sizes = [parse_size(x) for x in args.sizes.split(",")]
     blobs: dict = {s: BlobFile.create(h.work / "blobs" / f"large-{s}.bin", s) for s in sizes}
     blobs["mid"] = BlobFile.create(h.work / "blobs" / "mid.bin", parse_size(args.mid_size))
+    info = machine(h.work, blobs["mid"].path)
+    print(json.dumps({"machine": info}), flush=True)
 
     if args.calibrate:
         null = NullServer(h.work / "null", blobs[sizes[0]].path)
