@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import scenarios as sc
+from .client import FRAME
+from .nullserver import raw_sink
 from .scenarios import MIB, BlobFile
 from .servers import Distribution, NullServer, Regserve, Server
 
@@ -213,7 +215,7 @@ def table(summaries: list[dict], names: tuple[str, str]) -> str:
 def run_suite(h: Harness, servers: list[Server], blobs: dict, args: argparse.Namespace) -> None:
     rounds = args.rounds
     sizes = [parse_size(x) for x in args.sizes.split(",")]
-    chunk = parse_size(args.chunk)
+    chunk, frame = parse_size(args.chunk), parse_size(args.frame)
     wanted = set(args.scenarios.split(",")) if args.scenarios else None
 
     def want(name: str) -> bool:
@@ -224,6 +226,8 @@ def run_suite(h: Harness, servers: list[Server], blobs: dict, args: argparse.Nam
         label = f"{size // MIB}MiB" if size < (1 << 30) else f"{size >> 30}GiB"
         if want("push_large"):
             h.abba(f"push_large[{label}]", servers, lambda s: sc.push_large(s, blob), rounds, warmup=True)
+            h.abba(f"push_large[{label},frame={args.frame}]", servers,
+                   lambda s: sc.push_large(s, blob, frame=frame), rounds)
             h.abba(f"push_large[{label},chunk={args.chunk}]", servers,
                    lambda s: sc.push_large(s, blob, chunk), rounds)
         if want("pull_large"):
@@ -297,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="256M,1G", help="push_large/pull_large sizes, e.g. 256M,1G,4G")
     p.add_argument("--chunk", default="64M", help="Content-Range chunk size for the chunked push")
+    p.add_argument("--frame", default="16M",
+                   help="a second streamed push with chunked-encoding frames this large (docker's are 32K)")
     p.add_argument("--mid-size", default="256M", help="blob for pull_concurrent, range_get, resume")
     p.add_argument("--clients", type=int, default=16, help="pull_concurrent clients")
     p.add_argument("--small-count", type=int, default=2000)
@@ -311,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)
     if args.quick:
-        args.sizes, args.mid_size, args.chunk = "64M", "32M", "8M"
+        args.sizes, args.mid_size, args.chunk, args.frame = "64M", "32M", "8M", "4M"
         args.small_count, args.manifest_count, args.range_count, args.rounds = 200, 2000, 100, 2
 
     h = Harness(args)
@@ -333,7 +339,19 @@ def main(argv: list[str] | None = None) -> int:
             s.start()
         if args.calibrate:
             blob = blobs[sizes[0]]
+            sink_url, sink = raw_sink()
+            try:
+                for frame in (0, parse_size(args.frame)):
+                    for r in range(args.rounds):
+                        h.records.append({"scenario": f"push_stream[raw sink,frame={frame or FRAME}]",
+                                          "server": "raw sink", "round": r,
+                                          **sc.push_stream(sink_url, blob, frame)})
+                        print(json.dumps(h.records[-1]), flush=True)
+            finally:
+                sink.terminate()
             for name, fn in (("push_large", lambda: sc.push_large(servers[0], blob)),
+                             (f"push_large[frame={args.frame}]",
+                              lambda: sc.push_large(servers[0], blob, frame=parse_size(args.frame))),
                              ("pull_large", lambda: sc.pull_large(servers[0], blob)),
                              ("manifest_ops[GET,c=64]",
                               lambda: sc.manifest_ops(servers[0], "GET", args.manifest_count, 64))):

@@ -54,9 +54,11 @@ def _check(resp, *expected: int) -> None:
 
 # -- push ---------------------------------------------------------------------------------------
 
-def push_large(server: Server, blob: BlobFile, chunk: int | None = None, repo: str = "bench/large") -> dict:
-    """docker's way (POST, one streamed PATCH without Content-Range, PUT ?digest=), or Content-Range
-    PATCHes of `chunk` bytes."""
+def push_large(server: Server, blob: BlobFile, chunk: int | None = None, repo: str = "bench/large",
+               frame: int = 0) -> dict:
+    """docker's way (POST, one streamed PATCH without Content-Range, PUT ?digest=), its body in
+    chunked-encoding frames of `frame` bytes (default: docker's 32 KiB); or Content-Range PATCHes
+    of `chunk` bytes."""
     server.forget_blob(blob.digest)
     conn = BlockingConnection(server.url)
     fd = os.open(blob.path, os.O_RDONLY)
@@ -67,7 +69,7 @@ def push_large(server: Server, blob: BlobFile, chunk: int | None = None, repo: s
         loc = location_path(r)
         octet = {"Content-Type": "application/octet-stream"}
         if chunk is None:
-            r = conn.request("PATCH", loc, octet, file=(fd, 0, blob.size), chunked=True)
+            r = conn.request("PATCH", loc, octet, file=(fd, 0, blob.size), chunked=True, frame=frame)
             _check(r, 202)
             loc = location_path(r)
         else:
@@ -84,6 +86,23 @@ def push_large(server: Server, blob: BlobFile, chunk: int | None = None, repo: s
         os.close(fd)
         conn.close()
     return {"MiB/s": blob.size / MIB / elapsed, "seconds": elapsed}
+
+
+def push_stream(url: str, blob: BlobFile, frame: int = 0) -> dict:
+    """One streamed PATCH of the blob, timed alone: the client's side of push_large."""
+    conn = BlockingConnection(url)
+    fd = os.open(blob.path, os.O_RDONLY)
+    try:
+        start = time.perf_counter()
+        r = conn.request("PATCH", "/v2/x/blobs/uploads/u", file=(fd, 0, blob.size), chunked=True, frame=frame)
+        elapsed = time.perf_counter() - start
+        _check(r, 202)
+        if r.headers.get("range") != f"0-{blob.size - 1}":
+            raise HTTPError(f"sink saw {r.headers.get('range')}")
+    finally:
+        os.close(fd)
+        conn.close()
+    return {"MiB/s": blob.size / MIB / elapsed}
 
 
 def push_many_small(server: Server, blobs: BlobFile, count: int, size: int, concurrency: int) -> dict:
