@@ -24,8 +24,9 @@ from .base import FileInfo, FileWriter, PathNotFound, StorageDriver, WriterBusy
 T = TypeVar("T")
 IOV_MAX = 1024
 LOCK_WAIT_SECONDS = 10.0
-SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 WRITEBACK_STEP = 8 << 20  # start writeback of this much at a time: large I/O, little dirty memory
+CACHE_BEHIND = 64 << 20   # a stream keeps at most about this much of what it wrote in the page cache
 
 
 def _load_sync_file_range():
@@ -79,6 +80,7 @@ class FilesystemWriter(FileWriter):
         self._driver, self._full, self._fd = driver, full, fd
         self.size = os.fstat(fd).st_size
         self._unflushed = self.size  # where writeback has not been started yet
+        self._cached_from = self.size  # this stream's pages before here are dropped from the cache
 
     def _write(self, chunks: Sequence[bytes]) -> None:
         _write_all(self._fd, chunks)
@@ -86,6 +88,21 @@ class FilesystemWriter(FileWriter):
         if _sync_file_range is not None and self.size - self._unflushed >= WRITEBACK_STEP:
             _sync_file_range(self._fd, self._unflushed, self.size - self._unflushed, SYNC_FILE_RANGE_WRITE)
             self._unflushed = self.size
+            self._drop_behind()
+
+    def _drop_behind(self) -> None:
+        """Keep a large upload from filling the page cache: what lies CACHE_BEHIND before the
+        end is written by now (or soon: wait for it) and its pages are dropped. A 10 GiB layer
+        would otherwise evict everything else the host caches, and the kernel's reclaim of it
+        costs more CPU than the upload (4 GiB pushes here: 1.8-2.9 CPU-s per GiB instead of 1.2).
+        The last CACHE_BEHIND stays cached; data is durable only at commit, as before."""
+        end = self._unflushed - CACHE_BEHIND
+        if end - self._cached_from < WRITEBACK_STEP or not hasattr(os, "posix_fadvise"):
+            return
+        _sync_file_range(self._fd, self._cached_from, end - self._cached_from,
+                         SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER)
+        os.posix_fadvise(self._fd, self._cached_from, end - self._cached_from, os.POSIX_FADV_DONTNEED)
+        self._cached_from = end
 
     async def write(self, chunks: Sequence[bytes], small: bool = False) -> None:
         if small:
