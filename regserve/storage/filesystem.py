@@ -80,7 +80,9 @@ class FilesystemWriter(FileWriter):
         self._driver, self._full, self._fd = driver, full, fd
         self.size = os.fstat(fd).st_size
         self._unflushed = self.size  # where writeback has not been started yet
-        self._cached_from = self.size  # this stream's pages before here are dropped from the cache
+        # Pages before here are dropped from the cache (or were, by an earlier writer: an upload
+        # sent as many Content-Range PATCHes is one stream across writers).
+        self._cached_from = max(0, self.size - CACHE_BEHIND)
 
     def _write(self, chunks: Sequence[bytes]) -> None:
         _write_all(self._fd, chunks)
