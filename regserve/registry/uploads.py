@@ -79,7 +79,7 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body:
             if pipe is None:
                 if batch:  # a small body: inline, no threads
                     _hash_batch(hashers, batch)
-                    await writer.write(batch, small=True)
+                    await writer.write(batch)
             else:
                 try:
                     if batch:
@@ -110,15 +110,12 @@ class _Pipeline:
         self._waiter: asyncio.Future[None] | None = None
         self._wake_at = 0
         self._queues: list[queue.SimpleQueue[tuple[Sequence[bytes], int] | None]] = []
-        self._threads = []
         for index, work in enumerate((lambda parts: _hash_batch(hashers, parts),
                                       lambda parts: writer.write_from_thread(parts, self.loop))):
             q: queue.SimpleQueue[tuple[Sequence[bytes], int] | None] = queue.SimpleQueue()
-            t = threading.Thread(target=self._run, args=(index, q, work), daemon=True,
-                                 name=("upload-hash", "upload-write")[index])
-            t.start()
+            threading.Thread(target=self._run, args=(index, q, work), daemon=True,
+                             name=("upload-hash", "upload-write")[index]).start()
             self._queues.append(q)
-            self._threads.append(t)
 
     def _run(self, index: int, q: "queue.SimpleQueue[tuple[Sequence[bytes], int] | None]",
              work: Callable[[Sequence[bytes]], None]) -> None:

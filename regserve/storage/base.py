@@ -34,13 +34,14 @@ class FileWriter(abc.ABC):
     """A streaming writer. `close()` keeps what was written so a later writer can append to it;
     `commit(dest)` makes it durable under its final name; `cancel()` removes it.
 
-    Writes are sequential: one at a time, each appended after the last. `small=True` hints that a
-    thread handoff would cost more than the write. `size` counts the bytes written so far."""
+    Writes are sequential: one at a time, each appended after the last. Bulk data comes through
+    `write_from_thread()` from the upload pipeline's thread; `write()` is for a body small enough
+    that a thread handoff would cost more than the write. `size` counts the bytes written so far."""
 
     size: int
 
     @abc.abstractmethod
-    async def write(self, chunks: Sequence[bytes], small: bool = False) -> None: ...
+    async def write(self, chunks: Sequence[bytes]) -> None: ...
 
     def write_from_thread(self, chunks: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> None:
         """`write()` for a worker thread of the upload pipeline. Drivers whose I/O blocks write

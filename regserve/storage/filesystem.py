@@ -43,6 +43,7 @@ def _load_sync_file_range():
 
 
 _sync_file_range = _load_sync_file_range()
+_CAN_DROP = hasattr(os, "posix_fadvise")
 
 
 def _fsync_dir(path: str) -> None:
@@ -99,18 +100,15 @@ class FilesystemWriter(FileWriter):
         costs more CPU than the upload (4 GiB pushes here: 1.8-2.9 CPU-s per GiB instead of 1.2).
         The last CACHE_BEHIND stays cached; data is durable only at commit, as before."""
         end = self._unflushed - CACHE_BEHIND
-        if end - self._cached_from < WRITEBACK_STEP or not hasattr(os, "posix_fadvise"):
+        if end - self._cached_from < WRITEBACK_STEP or not _CAN_DROP:
             return
         _sync_file_range(self._fd, self._cached_from, end - self._cached_from,
                          SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER)
         os.posix_fadvise(self._fd, self._cached_from, end - self._cached_from, os.POSIX_FADV_DONTNEED)
         self._cached_from = end
 
-    async def write(self, chunks: Sequence[bytes], small: bool = False) -> None:
-        if small:
-            self._write(chunks)
-        else:
-            await self._driver._run(self._write, chunks)
+    async def write(self, chunks: Sequence[bytes]) -> None:
+        self._write(chunks)  # small: cheaper than a thread handoff
 
     def write_from_thread(self, chunks: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> None:
         self._write(chunks)
