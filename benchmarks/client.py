@@ -89,23 +89,27 @@ class BlockingConnection:
             fd, offset, length = file
             if send_only is not None:
                 length = send_only
-            end = offset + length
             if chunked and frame < SENDFILE_FRAME_MIN:
-                self._send_small_frames(fd, offset, end, frame)
-            while offset < end and not (chunked and frame < SENDFILE_FRAME_MIN):
-                n = min(frame if chunked else end - offset, end - offset)
-                if chunked:
-                    self.sock.sendall(f"{n:x}\r\n".encode())
-                sent_to = offset + n
-                while offset < sent_to:
-                    offset += os.sendfile(self.sock.fileno(), fd, offset, sent_to - offset)
-                if chunked:
-                    self.sock.sendall(b"\r\n")
+                self._send_small_frames(fd, offset, offset + length, frame)
+            else:
+                self._sendfile_frames(fd, offset, offset + length, frame if chunked else 0)
             if send_only is not None:
                 return Response(0, {})
             if chunked:
                 self.sock.sendall(b"0\r\n\r\n")
         return self._response(method, discard)
+
+    def _sendfile_frames(self, fd: int, offset: int, end: int, frame: int) -> None:
+        """The file range by sendfile: as chunked frames of `frame` bytes, or plain if 0."""
+        while offset < end:
+            n = min(frame or end - offset, end - offset)
+            if frame:
+                self.sock.sendall(f"{n:x}\r\n".encode())
+            sent_to = offset + n
+            while offset < sent_to:
+                offset += os.sendfile(self.sock.fileno(), fd, offset, sent_to - offset)
+            if frame:
+                self.sock.sendall(b"\r\n")
 
     def _send_small_frames(self, fd: int, offset: int, end: int, frame: int) -> None:
         """Chunked frames too small for a sendfile each (docker's 32 KiB): read a few MiB of the
@@ -117,9 +121,8 @@ class BlockingConnection:
             for start in range(0, n, frame):
                 size = min(frame, n - start)
                 parts += [b"%x\r\n" % size, block[start:start + size], b"\r\n"]
-            total = n + sum(len(p) for p in parts[0::3]) + 2 * len(parts[0::3])
             sent = self.sock.sendmsg(parts)
-            if sent < total:  # interrupted: finish the slow way
+            if sent < sum(map(len, parts)):  # interrupted: finish the slow way
                 self.sock.sendall(b"".join(bytes(p) for p in parts)[sent:])
             offset += n
 

@@ -146,7 +146,10 @@ class Harness:
         wall = time.perf_counter() - t0
         figures["cpu_%"] = 100 * (server.cpu_seconds() - cpu0) / wall
         figures["peak_rss_MiB"] = server.peak_rss_mib()
-        rec = {"scenario": scenario, "server": server.name, "round": round_, **figures}
+        return self.record(scenario, server.name, round_, figures)
+
+    def record(self, scenario: str, server: str, round_: int, figures: dict) -> dict:
+        rec = {"scenario": scenario, "server": server, "round": round_, **figures}
         self.records.append(rec)
         self.out.write(json.dumps(rec) + "\n")
         self.out.flush()
@@ -344,10 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for frame in (0, parse_size(args.frame)):
                     for r in range(args.rounds):
-                        h.records.append({"scenario": f"push_stream[raw sink,frame={frame or FRAME}]",
-                                          "server": "raw sink", "round": r,
-                                          **sc.push_stream(sink_url, blob, frame)})
-                        print(json.dumps(h.records[-1]), flush=True)
+                        h.record(f"push_stream[raw sink,frame={frame or FRAME}]", "raw sink", r,
+                                 sc.push_stream(sink_url, blob, frame))
             finally:
                 sink.terminate()
             for name, fn in (("push_large", lambda: sc.push_large(servers[0], blob)),

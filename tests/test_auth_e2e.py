@@ -29,17 +29,23 @@ def users(tmp_path):
     return htpasswd_file(tmp_path / "htpasswd", {"alice": "s3cret", "bob": "builder"})
 
 
+def push_as_alice_pull_as_bob(tmp_path, host: str, repo: str):
+    """skopeo copies an image in as alice and out as bob; returns the source layout."""
+    src = tmp_path / "src"
+    build_image(src, "v1", ROOT / "regserve", big_bytes=2 << 20)
+    skopeo("copy", "--preserve-digests", "--dest-tls-verify=false", "--dest-creds", "alice:s3cret",
+           f"oci:{src}:v1", f"docker://{host}/{repo}:v1")
+    skopeo("copy", "--src-tls-verify=false", "--src-creds", "bob:builder", f"docker://{host}/{repo}:v1",
+           f"oci:{tmp_path / 'out'}:v1")
+    return src
+
+
 def test_skopeo_with_htpasswd(server_factory, tmp_path, users):
     require_tool("skopeo", "real client for end-to-end tests")
     cfg = auth_config(tmp_path, f"auth:\n  htpasswd:\n    realm: test\n    path: {users}\n")
     srv = server_factory(config_file=cfg)
     host = srv.url.removeprefix("http://")
-    src = tmp_path / "src"
-    build_image(src, "v1", ROOT / "regserve", big_bytes=2 << 20)
-    skopeo("copy", "--preserve-digests", "--dest-tls-verify=false", "--dest-creds", "alice:s3cret",
-           f"oci:{src}:v1", f"docker://{host}/auth/app:v1")
-    skopeo("copy", "--src-tls-verify=false", "--src-creds", "bob:builder", f"docker://{host}/auth/app:v1",
-           f"oci:{tmp_path / 'out'}:v1")
+    push_as_alice_pull_as_bob(tmp_path, host, "auth/app")
     with pytest.raises(AssertionError):
         skopeo("inspect", "--tls-verify=false", "--creds", "alice:wrong", f"docker://{host}/auth/app:v1")
     with pytest.raises(AssertionError):
@@ -63,12 +69,7 @@ def test_skopeo_with_builtin_token_issuer(server_factory, tmp_path, users):
 """)
     srv = server_factory(config_file=cfg, workers=2)  # both workers verify the one generated key
     host = srv.url.removeprefix("http://")
-    src = tmp_path / "src"
-    build_image(src, "v1", ROOT / "regserve", big_bytes=2 << 20)
-    skopeo("copy", "--preserve-digests", "--dest-tls-verify=false", "--dest-creds", "alice:s3cret",
-           f"oci:{src}:v1", f"docker://{host}/tok/app:v1")
-    skopeo("copy", "--src-tls-verify=false", "--src-creds", "bob:builder", f"docker://{host}/tok/app:v1",
-           f"oci:{tmp_path / 'out'}:v1")
+    src = push_as_alice_pull_as_bob(tmp_path, host, "tok/app")
     with pytest.raises(AssertionError):  # bob may only pull
         skopeo("copy", "--preserve-digests", "--dest-tls-verify=false", "--dest-creds", "bob:builder",
                f"oci:{src}:v1", f"docker://{host}/tok/bob:v1")
