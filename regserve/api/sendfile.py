@@ -4,6 +4,11 @@ uvloop has no loop.sendfile, and aiohttp's fallback copies the file through Pyth
 worker thread calls os.sendfile on a dup of the connection's socket (the dup keeps the socket
 alive even if the event loop closes its own descriptor), waiting for writability with poll(2)
 when the socket buffer is full. The event loop does nothing per byte.
+
+The socket is corked (TCP_CORK) while sendfile runs, so that the kernel sends only full
+segments; uncorking at the end sends the rest. Without it the page-by-page splicing of sendfile
+leaves partial segments: on loopback here 1.9-2.0 GB/s uncorked, 2.6-2.9 GB/s corked
+(a bare sendfile loop, 256 MiB cached file, 8 transfers each).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -67,8 +73,13 @@ async def _send_large(request: web.Request, file_fd: int, offset: int, count: in
             raise ConnectionResetError("connection lost")
     sock = transport.get_extra_info("socket")
     sock_fd = os.dup(sock.fileno())
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
     try:
         await asyncio.get_running_loop().run_in_executor(_pool, _send_blocking, sock_fd, file_fd,
                                                          offset, count)
     finally:
         os.close(sock_fd)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)  # sends the last partial segment
+        except OSError:
+            pass  # the connection is gone
