@@ -24,7 +24,7 @@ class ConfigError(Exception):
 # Leaf types: "str", "int", "bool", "duration", "list", "map" (free-form). Nested dicts are sections.
 _S, _I, _B, _D, _L, _M = "str", "int", "bool", "duration", "list", "map"
 _DRIVERS = {
-    "filesystem": {"rootdirectory": _S, "maxthreads": _I},
+    "filesystem": {"rootdirectory": _S, "maxthreads": _I, "directio": _B},  # directio: regserve's
     "inmemory": _M, "s3": _M, "azure": _M, "gcs": _M, "swift": _M, "oss": _M,
 }
 SCHEMA: dict[str, Any] = {
@@ -62,7 +62,8 @@ SCHEMA: dict[str, Any] = {
 # Keys regserve acts on; anything else that is set is reported as ignored.
 IMPLEMENTED = {
     "version", "loglevel", "log.level", "log.formatter", "log.fields", "log.accesslog.disabled",
-    "storage.filesystem.rootdirectory", "storage.filesystem.maxthreads", "storage.delete.enabled",
+    "storage.filesystem.rootdirectory", "storage.filesystem.maxthreads",
+    "storage.filesystem.directio", "storage.delete.enabled",
     "storage.maintenance.uploadpurging.enabled", "storage.maintenance.uploadpurging.age",
     "storage.maintenance.uploadpurging.interval", "storage.maintenance.uploadpurging.dryrun",
     "storage.maintenance.readonly.enabled", "storage.cache.blobdescriptor",

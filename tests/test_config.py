@@ -7,6 +7,7 @@ import pytest
 
 from regserve import config
 from regserve.config import ConfigError, load, parse_duration
+from regserve.storage import create_driver
 
 SEED_CONFIG = """\
 version: 0.1
@@ -176,3 +177,10 @@ def test_auth_modes(tmp_path):
     assert c.tokenserver_expiration == 600
     c = load(write(tmp_path, "version: 0.1\n" + fs + "http:\n  tls: {certificate: /c, key: /k, clientcas: [/ca]}\n"), {})
     assert c.tls_clientcas == ["/ca"] and c.tls_clientauth == "require-and-verify-client-cert"
+
+
+@pytest.mark.parametrize("env,direct", [({}, True),
+                                        ({"REGISTRY_STORAGE_FILESYSTEM_DIRECTIO": "false"}, False)])
+def test_filesystem_direct_io_switch(tmp_path, env, direct):
+    c = load(None, {"REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(tmp_path), **env})
+    assert create_driver(c.storage_driver, c.storage_params).direct_io is direct

@@ -13,5 +13,6 @@ def create_driver(kind: str, params: dict[str, Any]) -> StorageDriver:
     if kind == "filesystem":
         from .filesystem import FilesystemDriver
         return FilesystemDriver(params.get("rootdirectory", "/var/lib/registry"),
-                                int(params.get("maxthreads", 100)))
+                                int(params.get("maxthreads", 100)),
+                                bool(params.get("directio", True)))
     raise ValueError(f"storage driver {kind!r} is not available")

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 from .base import FileInfo, FileWriter, PathNotFound, StorageDriver, WriterBusy
+from .directio import DirectAppender
 
 T = TypeVar("T")
 IOV_MAX = 1024
@@ -84,6 +85,10 @@ class FilesystemWriter(FileWriter):
         # Pages before here are dropped from the cache (or were, by an earlier writer: an upload
         # sent as many Content-Range PATCHes is one stream across writers).
         self._cached_from = max(0, self.size - CACHE_BEHIND)
+        # Bulk data goes past the page cache where the filesystem allows (directio.py); else
+        # through it, with the writeback and drop-behind below.
+        self._direct: DirectAppender | None = None
+        self._direct_tried = not driver.direct_io
 
     def _write(self, chunks: Sequence[bytes]) -> None:
         _write_all(self._fd, chunks)
@@ -108,16 +113,33 @@ class FilesystemWriter(FileWriter):
         self._cached_from = end
 
     async def write(self, chunks: Sequence[bytes]) -> None:
+        self._end_direct()
         self._write(chunks)  # small: cheaper than a thread handoff
 
     def write_from_thread(self, chunks: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> None:
-        self._write(chunks)
+        if not self._direct_tried:
+            self._direct_tried = True
+            try:
+                self._direct = DirectAppender(self._fd, self.size)
+            except OSError:  # no direct I/O here (some FUSE and network filesystems)
+                pass
+        if self._direct is None:
+            self._write(chunks)
+            return
+        self._direct.append(chunks)
+        self.size += sum(map(len, chunks))
+
+    def _end_direct(self) -> None:
+        if self._direct is not None:
+            direct, self._direct = self._direct, None
+            direct.flush()
 
     async def commit(self, dest: str) -> None:
         await self._driver._run(self._publish, self._driver._full(dest))
         await self.close()
 
     def _publish(self, dest_full: str) -> None:
+        self._end_direct()
         os.fsync(self._fd)
         parent = os.path.dirname(dest_full)
         if parent != os.path.dirname(self._full):
@@ -135,15 +157,19 @@ class FilesystemWriter(FileWriter):
 
     async def close(self) -> None:
         if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)  # also drops the flock
+            try:
+                self._end_direct()  # the last partial block
+            finally:
+                fd, self._fd = self._fd, -1
+                os.close(fd)  # also drops the flock
 
 
 class FilesystemDriver(StorageDriver):
     name = "filesystem"
 
-    def __init__(self, rootdirectory: str, maxthreads: int = 100) -> None:
+    def __init__(self, rootdirectory: str, maxthreads: int = 100, direct_io: bool = True) -> None:
         self.root = os.path.abspath(rootdirectory)
+        self.direct_io = direct_io
         os.makedirs(self.root, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=max(4, maxthreads), thread_name_prefix="fs")
 

@@ -1,0 +1,97 @@
+"""Appending bulk upload data with O_DIRECT, past the page cache.
+
+A buffered write copies every byte into the page cache, and the kernel then spends as much CPU
+again writing those pages back and reclaiming them. On the 2-core benchmark VM, 1 GiB written in
+512 KiB blocks cost 1.4 CPU-s buffered (with fdatasync) and 0.1 CPU-s with O_DIRECT (dd): a
+quarter of a whole push's CPU. Blob data is written once and read later, if at all, so the cache
+gains nothing from holding it.
+
+O_DIRECT wants the buffer, the file offset and the length aligned to the device's block. Batches
+are copied into a page-aligned buffer (ctypes.memmove releases the GIL; a slice assignment would
+not) and written in whole blocks. A partial block waits for the next batch, or for flush(), which
+writes it through the page cache. An append that starts mid-block first fills that block the same
+way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+from typing import Sequence
+
+ALIGN = 4096           # a multiple of every logical block size in use
+BUFFER = 1 << 20       # whole blocks go out when this fills, or at the end of each batch
+
+
+def _set_direct(fd: int, on: bool) -> None:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+
+
+class DirectAppender:
+    """Appends to `fd` (opened for writing at its end) whose file holds `size` bytes. Raises
+    OSError if the filesystem refuses O_DIRECT; the caller then writes buffered."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        _set_direct(fd, True)  # fails here, before any byte is taken, where unsupported
+        self._head = -size % ALIGN  # bytes to write buffered until the file's end is aligned
+        if self._head:
+            _set_direct(fd, False)
+        self._fd = fd
+        self._buf = mmap.mmap(-1, BUFFER)
+        self._anchor = ctypes.c_char.from_buffer(self._buf)  # pins the buffer while we use its address
+        self._addr = ctypes.addressof(self._anchor)
+        self._held = 0     # bytes in the buffer
+        self._written = 0  # of which already on disk
+
+    def append(self, chunks: Sequence[bytes]) -> None:
+        for chunk in chunks:
+            chunk = bytes(chunk) if not isinstance(chunk, bytes) else chunk
+            taken = 0
+            if self._head:
+                while self._head and taken < len(chunk):
+                    written = os.write(self._fd, chunk[taken:taken + self._head])
+                    taken += written
+                    self._head -= written
+                if not self._head:
+                    _set_direct(self._fd, True)
+            source = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value or 0
+            while taken < len(chunk):
+                n = min(len(chunk) - taken, BUFFER - self._held)
+                ctypes.memmove(self._addr + self._held, source + taken, n)
+                self._held += n
+                taken += n
+                if self._held == BUFFER:
+                    self._write_blocks()
+        self._write_blocks()
+
+    def _write_out(self, end: int) -> None:
+        """Write the held bytes before `end`. Progress is kept per call, so after a failed write
+        flush() neither repeats nor skips a byte."""
+        with memoryview(self._buf) as view:
+            while self._written < end:
+                self._written += os.write(self._fd, view[self._written:end])
+
+    def _write_blocks(self) -> None:
+        whole = self._held - self._held % ALIGN
+        if whole <= self._written:
+            return
+        self._write_out(whole)
+        rest = self._held - whole
+        if rest:
+            ctypes.memmove(self._addr, self._addr + whole, rest)
+        self._held, self._written = rest, 0
+
+    def flush(self) -> None:
+        """Write the partial block still held (through the page cache), switch the descriptor
+        back to buffered I/O and free the buffer. The appender is done after this."""
+        if self._buf.closed:
+            return
+        try:
+            _set_direct(self._fd, False)
+            self._write_out(self._held)
+        finally:
+            del self._anchor
+            self._buf.close()
