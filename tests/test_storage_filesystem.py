@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -138,3 +140,21 @@ def test_a_failed_direct_write_leaves_a_gapless_prefix(tmp_path: Path, monkeypat
     on_disk = path.read_bytes()
     assert on_disk == data[:len(on_disk)]
     assert len(on_disk) > directio.BUFFER
+
+
+async def test_a_device_that_refuses_the_alignment_gets_buffered_writes(tmp_path: Path, monkeypatch):
+    """O_DIRECT accepted, but the device wants larger blocks than ALIGN: its first direct write
+    fails with EINVAL, and the writer carries on through the page cache without losing a byte."""
+    real_write = os.write
+
+    def strict_write(fd: int, buf) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, buf)
+    monkeypatch.setattr(directio.os, "write", strict_write)
+    driver = FilesystemDriver(str(tmp_path))
+    pieces = _random_pieces(3, writers=3)
+    await _write_stream(driver, "/upload", pieces, small_first=b"x" * 100)
+    expected = b"x" * 100 + b"".join(b for batches in pieces for b in batches)
+    assert (tmp_path / "upload").read_bytes() == expected
+    await driver.close()

@@ -16,6 +16,7 @@ way.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
@@ -45,6 +46,7 @@ class DirectAppender:
         self._addr = ctypes.addressof(self._anchor)
         self._held = 0     # bytes in the buffer
         self._written = 0  # of which already on disk
+        self._refused = False  # the device wants a larger alignment: buffered from then on
 
     def append(self, chunks: Sequence[bytes]) -> None:
         for chunk in chunks:
@@ -55,7 +57,7 @@ class DirectAppender:
                     written = os.write(self._fd, chunk[taken:taken + self._head])
                     taken += written
                     self._head -= written
-                if not self._head:
+                if not self._head and not self._refused:
                     _set_direct(self._fd, True)
             source = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value or 0
             while taken < len(chunk):
@@ -72,7 +74,15 @@ class DirectAppender:
         flush() neither repeats nor skips a byte."""
         with memoryview(self._buf) as view:
             while self._written < end:
-                self._written += os.write(self._fd, view[self._written:end])
+                try:
+                    self._written += os.write(self._fd, view[self._written:end])
+                except OSError as e:
+                    # O_DIRECT accepted, but this device's blocks are larger than ALIGN: go on
+                    # through the page cache (nothing was written by the refused call).
+                    if e.errno != errno.EINVAL or self._refused:
+                        raise
+                    self._refused = True
+                    _set_direct(self._fd, False)
 
     def _write_blocks(self) -> None:
         whole = self._held - self._held % ALIGN
