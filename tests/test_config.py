@@ -8,6 +8,7 @@ import pytest
 from regserve import config
 from regserve.config import ConfigError, load, parse_duration
 from regserve.storage import create_driver
+from regserve.storage.directio import direct_io_suits
 
 SEED_CONFIG = """\
 version: 0.1
@@ -179,8 +180,12 @@ def test_auth_modes(tmp_path):
     assert c.tls_clientcas == ["/ca"] and c.tls_clientauth == "require-and-verify-client-cert"
 
 
-@pytest.mark.parametrize("env,direct", [({}, True),
-                                        ({"REGISTRY_STORAGE_FILESYSTEM_DIRECTIO": "false"}, False)])
-def test_filesystem_direct_io_switch(tmp_path, env, direct):
-    c = load(None, {"REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(tmp_path), **env})
-    assert create_driver(c.storage_driver, c.storage_params).direct_io is direct
+@pytest.mark.parametrize("value,direct", [(None, direct_io_suits), ("false", False), ("true", True)])
+def test_filesystem_direct_io_switch(tmp_path, value, direct):
+    """Unset, the filesystem's type decides (direct_io_suits); set, the setting does."""
+    env = {"REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(tmp_path)}
+    if value is not None:
+        env["REGISTRY_STORAGE_FILESYSTEM_DIRECTIO"] = value
+    expected = direct(str(tmp_path)) if callable(direct) else direct
+    c = load(None, env)
+    assert create_driver(c.storage_driver, c.storage_params).direct_io is expected

@@ -158,3 +158,31 @@ async def test_a_device_that_refuses_the_alignment_gets_buffered_writes(tmp_path
     expected = b"x" * 100 + b"".join(b for batches in pieces for b in batches)
     assert (tmp_path / "upload").read_bytes() == expected
     await driver.close()
+
+
+MOUNTINFO = """\
+22 1 252:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+30 22 0:40 / /srv/registry rw,relatime shared:9 - nfs4 fs:/export rw,vers=4.2
+31 30 252:1 / /srv/registry/local rw,relatime shared:10 - xfs /dev/vdb rw
+32 22 0:41 / /mnt/my\\040share rw,relatime shared:11 - fuse.sshfs host:/d rw
+"""
+
+
+@pytest.mark.parametrize("path,kind,direct", [
+    ("/var/lib/registry", "ext4", True),
+    ("/srv/registry/docker", "nfs4", False),
+    ("/srv/registry/local/docker", "xfs", True),
+    ("/srv/registryx", "ext4", True),           # a sibling, not inside the NFS mount
+    ("/mnt/my share/registry", "fuse.sshfs", False),
+])
+def test_direct_io_is_chosen_by_filesystem_type(tmp_path: Path, path: str, kind: str, direct: bool):
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(MOUNTINFO)
+    assert directio.filesystem_type(path, str(mountinfo)) == kind
+    assert directio.direct_io_suits(path, str(mountinfo)) is direct
+
+
+def test_filesystem_type_agrees_with_findmnt(tmp_path: Path):
+    findmnt = require_tool("findmnt", "the filesystem type of a path, from util-linux")
+    out = subprocess.check_output([findmnt, "-n", "-o", "FSTYPE", "--target", str(tmp_path)], text=True)
+    assert directio.filesystem_type(str(tmp_path)) == out.strip()

@@ -14,5 +14,5 @@ def create_driver(kind: str, params: dict[str, Any]) -> StorageDriver:
         from .filesystem import FilesystemDriver
         return FilesystemDriver(params.get("rootdirectory", "/var/lib/registry"),
                                 int(params.get("maxthreads", 100)),
-                                bool(params.get("directio", True)))
+                                params.get("directio"))
     raise ValueError(f"storage driver {kind!r} is not available")

@@ -20,10 +20,44 @@ import errno
 import fcntl
 import mmap
 import os
+import re
 from typing import Sequence
 
+# Network and FUSE filesystems accept O_DIRECT, but each direct write then waits for a round
+# trip, where buffered writes are pipelined by the kernel: by default they are written buffered.
+REMOTE_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "lustre",
+                      "afs", "gpfs", "beegfs", "fuse", "fuseblk"}
 ALIGN = 4096           # the logical block size of nearly every device (larger: see _write_out)
 BUFFER = 1 << 20       # whole blocks go out when this fills, or at the end of each batch
+
+
+def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The type of the filesystem `path` is on (the mount with the longest matching mount
+    point), or None where mountinfo cannot be read."""
+    target = os.path.realpath(path)
+    best, best_type = "", None
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, rest.split()[0]
+    return best_type
+
+
+def direct_io_suits(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether uploads under `path` should be written with O_DIRECT when not configured: on
+    local filesystems yes, on network and FUSE ones no."""
+    kind = filesystem_type(path, mountinfo)
+    return kind is None or not (kind in REMOTE_FILESYSTEMS or kind.startswith("fuse."))
 
 
 def _set_direct(fd: int, on: bool) -> None:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 from .base import FileInfo, FileWriter, PathNotFound, StorageDriver, WriterBusy
-from .directio import DirectAppender
+from .directio import DirectAppender, direct_io_suits
 
 T = TypeVar("T")
 IOV_MAX = 1024
@@ -167,10 +167,12 @@ class FilesystemWriter(FileWriter):
 class FilesystemDriver(StorageDriver):
     name = "filesystem"
 
-    def __init__(self, rootdirectory: str, maxthreads: int = 100, direct_io: bool = True) -> None:
+    def __init__(self, rootdirectory: str, maxthreads: int = 100,
+                 direct_io: bool | None = None) -> None:
+        """`direct_io`: write uploads with O_DIRECT; None chooses by the filesystem's type."""
         self.root = os.path.abspath(rootdirectory)
-        self.direct_io = direct_io
         os.makedirs(self.root, exist_ok=True)
+        self.direct_io = direct_io_suits(self.root) if direct_io is None else direct_io
         self._pool = ThreadPoolExecutor(max_workers=max(4, maxthreads), thread_name_prefix="fs")
 
     def _full(self, path: str) -> str:
