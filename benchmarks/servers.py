@@ -134,8 +134,10 @@ http: {{addr: 127.0.0.1:{self.port}, secret: bench}}
 
     def forget_blob(self, digest: str) -> None:
         """Remove a blob behind the server's back so the next push really commits it (both
-        servers use distribution's layout)."""
+        servers use distribution's layout). Synced, so that the deletion's journal commit (and
+        on a disk mounted with `discard`, the trim of its blocks) does not land in the push."""
         shutil.rmtree(self.blob_path(digest), ignore_errors=True)
+        os.sync()
 
 
 class Regserve(Server):
