@@ -24,7 +24,7 @@ class ConfigError(Exception):
 # Leaf types: "str", "int", "bool", "duration", "list", "map" (free-form). Nested dicts are sections.
 _S, _I, _B, _D, _L, _M = "str", "int", "bool", "duration", "list", "map"
 _DRIVERS = {
-    "filesystem": {"rootdirectory": _S, "maxthreads": _I, "directio": _B},  # directio: regserve's
+    "filesystem": {"rootdirectory": _S, "maxthreads": _I, "directio": _B},  # directio: regserve's own
     "inmemory": _M, "s3": _M, "azure": _M, "gcs": _M, "swift": _M, "oss": _M,
 }
 SCHEMA: dict[str, Any] = {

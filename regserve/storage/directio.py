@@ -1,10 +1,12 @@
 """Appending bulk upload data with O_DIRECT, past the page cache.
 
-A buffered write copies every byte into the page cache, and the kernel then spends as much CPU
-again writing those pages back and reclaiming them. On the 2-core benchmark VM, 1 GiB written in
-512 KiB blocks cost 1.4 CPU-s buffered (with fdatasync) and 0.1 CPU-s with O_DIRECT (dd), and
-1 GiB pushes went from 1,139 to 1,376 MiB/s. Blob data is written once and read later, if at
-all, so the cache gains little from holding it.
+A buffered write copies every byte into the page cache, and the kernel then spends more CPU
+writing those pages back and reclaiming them. On the 2-core benchmark VM, 1 GiB written in
+512 KiB blocks cost 1.4 CPU-s buffered (with fdatasync) and 0.1 CPU-s with O_DIRECT (dd). In
+back-to-back harness runs, pushes used 10-20% less server CPU per byte and were as fast or
+faster (1 GiB: 1,376 against 1,139 MiB/s in one pair of runs, equal within noise in the next
+two). Blob data is written once and read later, if at all: the cache gains little from it, and
+a large push no longer evicts what the host caches.
 
 O_DIRECT wants the buffer, the file offset and the length aligned to the device's block. Batches
 are copied into a page-aligned buffer (ctypes.memmove releases the GIL; a slice assignment would
