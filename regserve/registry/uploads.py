@@ -58,12 +58,14 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body:
     batch: list[bytes] = []
     batched = 0
     since_checkpoint = 0
+    checkpointed = False  # and nothing arrived since: the state on disk is already the last one
     try:
         async for data in body:
             if not data:
                 continue
             batch.append(data)
             batched += len(data)
+            checkpointed = False
             if batched >= BATCH_BYTES:
                 if pipe is None:
                     pipe = _Pipeline(writer, hashers)
@@ -73,7 +75,7 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body:
                 if checkpoint is not None and since_checkpoint >= CHECKPOINT_BYTES:
                     await pipe.drain()
                     await checkpoint()
-                    since_checkpoint = 0
+                    since_checkpoint, checkpointed = 0, True
     finally:
         async def settle() -> None:
             if pipe is None:
@@ -89,7 +91,7 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body:
                         await pipe.drain()  # even after an error: no thread may outlive the writer
                     finally:
                         pipe.close()
-            if checkpoint is not None:
+            if checkpoint is not None and not checkpointed:
                 await checkpoint()
         await asyncio.shield(settle())
 
