@@ -87,14 +87,7 @@ class DirectAppender:
     def append(self, chunks: Sequence[bytes]) -> None:
         for chunk in chunks:
             chunk = bytes(chunk) if not isinstance(chunk, bytes) else chunk
-            taken = 0
-            if self._head:
-                while self._head and taken < len(chunk):
-                    written = os.write(self._fd, chunk[taken:taken + self._head])
-                    taken += written
-                    self._head -= written
-                if not self._head and not self._refused:
-                    _set_direct(self._fd, True)
+            taken = self._fill_head(chunk) if self._head else 0
             source = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value or 0
             while taken < len(chunk):
                 n = min(len(chunk) - taken, BUFFER - self._held)
@@ -104,6 +97,18 @@ class DirectAppender:
                 if self._held == BUFFER:
                     self._write_blocks()
         self._write_blocks()
+
+    def _fill_head(self, chunk: bytes) -> int:
+        """Write (buffered) what the file's last partial block still lacks, from the start of
+        `chunk`; direct I/O starts once the end is aligned. Returns the bytes taken."""
+        taken = 0
+        while self._head and taken < len(chunk):
+            written = os.write(self._fd, chunk[taken:taken + self._head])
+            taken += written
+            self._head -= written
+        if not self._head and not self._refused:
+            _set_direct(self._fd, True)
+        return taken
 
     def _write_out(self, end: int) -> None:
         """Write the held bytes before `end`. Progress is kept per call, so after a failed write
