@@ -70,9 +70,7 @@ def loopback_rates(path: Path, rounds: int = 5) -> dict:
     in 32 KiB steps; here 256 KiB steps, so that the Python loop costs little). Both are kernel
     work; neither registry runs here. Medians of `rounds` transfers."""
     size = path.stat().st_size
-    with open(path, "rb") as f:  # cached, like the blobs the pull scenarios serve
-        while f.read(8 * MIB):
-            pass
+    sc.read_through(path)  # cached, like the blobs the pull scenarios serve
     rates = {}
     for mode in ("sendfile", "copy"):
         listener = socket.create_server(("127.0.0.1", 0))

@@ -142,12 +142,8 @@ def push_many_small(server: Server, blobs: BlobFile, count: int, size: int, conc
 
 # -- pull ---------------------------------------------------------------------------------------
 
-def warm(server: Server, blob: BlobFile) -> None:
-    """Read the server's own copy of a blob once, so that both servers serve from the page cache
-    (each has its copy, and the machine may have evicted one and not the other)."""
-    path = server.blob_path(blob.digest) / "data"
-    if not path.exists():
-        return
+def read_through(path: Path) -> None:
+    """Read a file once, to nowhere, so that it is in the page cache."""
     fd = os.open(path, os.O_RDONLY)
     try:
         buf = bytearray(8 * MIB)
@@ -155,6 +151,14 @@ def warm(server: Server, blob: BlobFile) -> None:
             pass
     finally:
         os.close(fd)
+
+
+def warm(server: Server, blob: BlobFile) -> None:
+    """Read the server's own copy of a blob once, so that both servers serve from the page cache
+    (each has its copy, and the machine may have evicted one and not the other)."""
+    path = server.blob_path(blob.digest) / "data"
+    if path.exists():
+        read_through(path)
 
 
 PULL_SAMPLE_BYTES = 2 << 30  # a pull sample is at least this much: one 0.1 s GET is a coin flip
