@@ -16,18 +16,28 @@ def _oauth_error(status: int, error: str, description: str) -> web.Response:
     return web.json_response({"error": error, "error_description": description}, status=status)
 
 
+def _unknown_service(service: str, known: str) -> web.Response | None:
+    if service != known:
+        return _oauth_error(400, "invalid_request", f"unknown service {service!r}")
+    return None
+
+
+def _token_body(token: str, expires_in: int, issued_at: str) -> dict:
+    """Both spellings: `token` (Docker's token spec) and `access_token` (OAuth2)."""
+    return {"token": token, "access_token": token, "expires_in": expires_in, "issued_at": issued_at}
+
+
 async def get_token(request: web.Request) -> web.Response:
     controller, issuer = request.app[CONTROLLER_KEY], request.app[ISSUER_KEY]
     service = request.query.get("service", controller.service)
-    if service != controller.service:
-        return _oauth_error(400, "invalid_request", f"unknown service {service!r}")
+    if (refused := _unknown_service(service, controller.service)) is not None:
+        return refused
     try:
         user = await controller.login(request.headers.get("Authorization"))
     except Unauthorized as err:
         return error_response(err)
     access = controller.grantable(user, parse_scopes(request.query.getall("scope", [])))
-    token, expires_in, issued_at = issuer.issue(user or "", service, access)
-    body = {"token": token, "access_token": token, "expires_in": expires_in, "issued_at": issued_at}
+    body = _token_body(*issuer.issue(user or "", service, access))
     if user and request.query.get("offline_token") == "true":
         body["refresh_token"] = issuer.refresh_token(user, service)
     return web.json_response(body)
@@ -37,8 +47,8 @@ async def post_token(request: web.Request) -> web.Response:
     controller, issuer = request.app[CONTROLLER_KEY], request.app[ISSUER_KEY]
     form = await request.post()
     service = str(form.get("service", controller.service))
-    if service != controller.service:
-        return _oauth_error(400, "invalid_request", f"unknown service {service!r}")
+    if (refused := _unknown_service(service, controller.service)) is not None:
+        return refused
     grant = form.get("grant_type")
     if grant == "password":
         user = str(form.get("username", ""))
@@ -55,9 +65,8 @@ async def post_token(request: web.Request) -> web.Response:
     else:
         return _oauth_error(400, "unsupported_grant_type", "use grant_type password or refresh_token")
     access = controller.grantable(user, parse_scopes([str(form.get("scope", ""))]))
-    token, expires_in, issued_at = issuer.issue(user, service, access)
-    body = {"access_token": token, "token": token, "scope": " ".join(a.scope() for a in access),
-            "expires_in": expires_in, "issued_at": issued_at}
+    body = {**_token_body(*issuer.issue(user, service, access)),
+            "scope": " ".join(a.scope() for a in access)}
     if form.get("access_type") == "offline":
         body["refresh_token"] = issuer.refresh_token(user, service)
     elif grant == "refresh_token":
