@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -74,6 +75,13 @@ IMPLEMENTED = {
     "auth.token.signingalgorithms", "auth.tokenserver", "auth.accesscontrol", "http.tls.certificate",
     "http.tls.key", "http.tls.clientcas", "http.tls.clientauth", "http.tls.minimumtls",
 }
+
+# http.tls values (distribution's names) and what Python's ssl makes of them.
+TLS_VERSIONS = {"tls1.0": ssl.TLSVersion.TLSv1, "tls1.1": ssl.TLSVersion.TLSv1_1,
+                "tls1.2": ssl.TLSVersion.TLSv1_2, "tls1.3": ssl.TLSVersion.TLSv1_3}
+TLS_CLIENT_AUTH = {"request-client-cert": ssl.CERT_OPTIONAL, "require-any-client-cert": ssl.CERT_REQUIRED,
+                   "verify-client-cert-if-given": ssl.CERT_OPTIONAL,
+                   "require-and-verify-client-cert": ssl.CERT_REQUIRED}
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -306,7 +314,8 @@ def _load_auth(c: Config, doc: dict[str, Any]) -> None:
     auth = doc.get("auth") or {}
     methods = [m for m in ("htpasswd", "token", "silly") if auth.get(m) is not None]
     server = auth.get("tokenserver")
-    if server is not None and server.get("enabled", True) is not False and "token" not in methods:
+    tokenserver = server is not None and server.get("enabled", True) is not False
+    if tokenserver and "token" not in methods:
         methods.append("token")
     if len(methods) > 1:
         raise ConfigError(f"auth: configure one method, not {' and '.join(methods)}")
@@ -327,7 +336,7 @@ def _load_auth(c: Config, doc: dict[str, Any]) -> None:
         c.token_rootcertbundle = _get(doc, "auth.token.rootcertbundle")
         c.token_jwks = _get(doc, "auth.token.jwks")
         c.token_algorithms = list(_get(doc, "auth.token.signingalgorithms", []) or [])
-        c.tokenserver = server is not None and server.get("enabled", True) is not False
+        c.tokenserver = tokenserver
         if not c.token_service or not c.token_issuer:
             raise ConfigError("auth.token.service and auth.token.issuer: required")
         if c.tokenserver:
@@ -354,9 +363,8 @@ def _load_tls(c: Config, doc: dict[str, Any]) -> None:
         raise ConfigError("http.tls.certificate and http.tls.key: set both or neither")
     c.tls_clientcas = [str(x) for x in (_get(doc, "http.tls.clientcas", []) or [])]
     c.tls_clientauth = _get(doc, "http.tls.clientauth", "require-and-verify-client-cert")
-    if c.tls_clientauth not in ("request-client-cert", "require-any-client-cert", "verify-client-cert-if-given",
-                                "require-and-verify-client-cert"):
+    if c.tls_clientauth not in TLS_CLIENT_AUTH:
         raise ConfigError(f"http.tls.clientauth: unknown value {c.tls_clientauth!r}")
     c.tls_minimum = _get(doc, "http.tls.minimumtls", "tls1.2")
-    if c.tls_minimum not in ("tls1.0", "tls1.1", "tls1.2", "tls1.3"):
+    if c.tls_minimum not in TLS_VERSIONS:
         raise ConfigError(f"http.tls.minimumtls: unknown value {c.tls_minimum!r}")

@@ -18,7 +18,7 @@ import time
 from aiohttp import web
 
 from .api.app import RUNNER_OPTIONS, make_app, make_registry
-from .config import Config
+from .config import TLS_CLIENT_AUTH, TLS_VERSIONS, Config
 
 log = logging.getLogger("regserve")
 
@@ -91,15 +91,12 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     if not config.tls_certificate:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = {"tls1.0": ssl.TLSVersion.TLSv1, "tls1.1": ssl.TLSVersion.TLSv1_1,
-                           "tls1.2": ssl.TLSVersion.TLSv1_2, "tls1.3": ssl.TLSVersion.TLSv1_3}[config.tls_minimum]
+    ctx.minimum_version = TLS_VERSIONS[config.tls_minimum]
     ctx.load_cert_chain(config.tls_certificate, config.tls_key)
     if config.tls_clientcas:
         for ca in config.tls_clientcas:
             ctx.load_verify_locations(cafile=ca)
-        ctx.verify_mode = {"request-client-cert": ssl.CERT_OPTIONAL, "require-any-client-cert": ssl.CERT_REQUIRED,
-                           "verify-client-cert-if-given": ssl.CERT_OPTIONAL,
-                           "require-and-verify-client-cert": ssl.CERT_REQUIRED}[config.tls_clientauth]
+        ctx.verify_mode = TLS_CLIENT_AUTH[config.tls_clientauth]
     return ctx
 
 
