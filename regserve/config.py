@@ -52,7 +52,7 @@ SCHEMA: dict[str, Any] = {
              "accesscontrol": {"policy": _S}},
     "middleware": _M,
     "http": {"addr": _S, "net": _S, "host": _S, "prefix": _S, "secret": _S, "relativeurls": _B,
-             "draintimeout": _D, "headers": _M,
+             "draintimeout": _D, "headers": _M, "sendfile": _B,  # sendfile: regserve's own
              "tls": {"certificate": _S, "key": _S, "clientcas": _L, "clientauth": _S,
                      "minimumtls": _S, "ciphersuites": _L, "letsencrypt": _M},
              "debug": {"addr": _S, "prometheus": {"enabled": _B, "path": _S}, "pprof": _M},
@@ -70,7 +70,7 @@ IMPLEMENTED = {
     "storage.maintenance.readonly.enabled", "storage.cache.blobdescriptor",
     "storage.cache.blobdescriptorsize", "storage.redirect.disable", "http.addr", "http.net",
     "http.host", "http.prefix", "http.secret", "http.relativeurls", "http.draintimeout",
-    "http.headers", "catalog.maxentries", "auth.htpasswd", "auth.token.realm",
+    "http.headers", "http.sendfile", "catalog.maxentries", "auth.htpasswd", "auth.token.realm",
     "auth.token.service", "auth.token.issuer", "auth.token.rootcertbundle", "auth.token.jwks",
     "auth.token.signingalgorithms", "auth.tokenserver", "auth.accesscontrol", "http.tls.certificate",
     "http.tls.key", "http.tls.clientcas", "http.tls.clientauth", "http.tls.minimumtls",
@@ -191,6 +191,7 @@ class Config:
     prefix: str = ""
     secret: str | None = None
     relative_urls: bool = False
+    sendfile: bool | None = None            # None: sendfile to remote peers, copy to loopback
     drain_timeout: float = 0.0
     headers: dict[str, list[str]] = field(default_factory=dict)
     storage_driver: str = "filesystem"
@@ -286,6 +287,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     c.prefix = (_get(doc, "http.prefix", "") or "").rstrip("/")
     c.secret = _get(doc, "http.secret")
     c.relative_urls = bool(_get(doc, "http.relativeurls", False))
+    c.sendfile = _get(doc, "http.sendfile")
     c.drain_timeout = parse_duration(_get(doc, "http.draintimeout", 0), "http.draintimeout")
     headers = _get(doc, "http.headers", {}) or {}
     if not isinstance(headers, dict):

@@ -1,9 +1,13 @@
-"""GET/HEAD/DELETE of blobs, Range requests and the sendfile path."""
+"""GET/HEAD/DELETE of blobs, Range requests, and the two download paths (sendfile, copy)."""
 
+import asyncio
 import os
+import threading
 import time
 
 import pytest
+
+from regserve.api import sendfile
 
 from .conftest import digest_of
 
@@ -118,3 +122,88 @@ async def test_keepalive_pulls_are_not_held_back_by_cork(pushed):
         assert r.status == 200
         assert len(await r.read()) == len(BIG)
     assert time.monotonic() - start < 2.0
+
+
+def record_paths(monkeypatch) -> list[str]:
+    """Which of the download paths ran, in order (each still does its work)."""
+    used: list[str] = []
+    for name in ("_copy_blocking", "_sendfile_blocking"):
+        real = getattr(sendfile, name)
+
+        def spy(*args, _real=real, _name=name):
+            used.append(_name)
+            return _real(*args)
+        monkeypatch.setattr(sendfile, name, spy)
+    return used
+
+
+@pytest.mark.parametrize("setting,path", [(None, "_copy_blocking"), ("false", "_copy_blocking"),
+                                          ("true", "_sendfile_blocking")])
+async def test_download_paths_send_exact_bytes(aiohttp_client, app_factory, monkeypatch, setting, path):
+    """Unset, a loopback peer (as here) is sent a copy; http.sendfile forces either way. Both
+    paths send the exact bytes, whole and ranged; the copy's step is made odd-sized so that the
+    ranges end mid-step."""
+    monkeypatch.setattr(sendfile, "COPY_STEP", (1 << 20) + 13)
+    used = record_paths(monkeypatch)
+    env = {} if setting is None else {"REGISTRY_HTTP_SENDFILE": setting}
+    client = await aiohttp_client(app_factory(**env))
+    r = await client.post(f"/v2/foo/blobs/uploads/?digest={BIG_DIGEST}", data=BIG)
+    assert r.status == 201
+    r = await client.get(f"/v2/foo/blobs/{BIG_DIGEST}")
+    assert r.status == 200 and await r.read() == BIG
+    start, end = 100_001, len(BIG) - 77
+    r = await client.get(f"/v2/foo/blobs/{BIG_DIGEST}", headers={"Range": f"bytes={start}-{end}"})
+    assert r.status == 206 and await r.read() == BIG[start:end + 1]
+    assert used == [path, path]
+
+
+async def test_copying_downloads_are_limited(pushed, monkeypatch):
+    """Beyond COPY_SLOTS concurrent copying downloads, the others use sendfile. The first copy
+    is held until the others have finished, so all of them overlap it."""
+    monkeypatch.setattr(sendfile, "COPY_SLOTS", 1)
+    used = record_paths(monkeypatch)
+    release = threading.Event()
+    real_copy = sendfile._copy_blocking
+
+    def held_copy(*args):
+        assert release.wait(10)
+        return real_copy(*args)
+    monkeypatch.setattr(sendfile, "_copy_blocking", held_copy)
+
+    async def pull() -> bytes:
+        r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}")
+        assert r.status == 200
+        return await r.read()
+    first = asyncio.ensure_future(pull())
+    try:
+        for _ in range(500):
+            if sendfile._copying:
+                break
+            await asyncio.sleep(0.01)
+        assert sendfile._copying == 1, "the first pull should be copying"
+        others = await asyncio.wait_for(asyncio.gather(pull(), pull()), 5)
+        assert others == [BIG, BIG]
+        assert used == ["_sendfile_blocking", "_sendfile_blocking"]
+    finally:
+        release.set()
+    assert await first == BIG
+    assert sendfile._copying == 0
+    assert await pull() == BIG  # the slot is free again: copied
+    assert used[-1] == "_copy_blocking"
+
+
+class Peer:
+    def __init__(self, peername):
+        self.peername = peername
+
+    def get_extra_info(self, name):
+        return self.peername if name == "peername" else None
+
+
+@pytest.mark.parametrize("peername,local", [
+    (("127.0.0.1", 4000), True), (("127.8.9.1", 4000), True), (("::1", 4000, 0, 0), True),
+    (("::ffff:127.0.0.1", 4000, 0, 0), True), (("10.1.2.3", 4000), False),
+    (("::ffff:10.1.2.3", 4000, 0, 0), False), (("fe80::1%eth0", 4000, 0, 2), False),
+    (("2001:db8::1", 4000, 0, 0), False), (None, False), ("", False)])
+def test_peer_is_local(peername, local):
+    assert sendfile.peer_is_local(Peer(peername)) is local

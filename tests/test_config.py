@@ -189,3 +189,18 @@ def test_filesystem_direct_io_switch(tmp_path, value, direct):
     expected = direct(str(tmp_path)) if callable(direct) else direct
     c = load(None, env)
     assert create_driver(c.storage_driver, c.storage_params).direct_io is expected
+
+
+@pytest.mark.parametrize("value,expected", [(None, None), ("true", True), ("false", False)])
+def test_http_sendfile_switch(value, expected):
+    """Unset, the download path is chosen by the peer (api/sendfile.py); set, it is forced."""
+    env = {} if value is None else {"REGISTRY_HTTP_SENDFILE": value}
+    assert load(None, env).sendfile is expected
+    assert "http.sendfile" not in load(None, env).ignored
+
+
+def test_http_sendfile_in_file_must_be_boolean(tmp_path):
+    head = f"version: 0.1\nstorage:\n  filesystem: {{rootdirectory: {tmp_path}}}\nhttp:\n"
+    assert load(write(tmp_path, head + "  sendfile: false\n"), {}).sendfile is False
+    with pytest.raises(ConfigError, match="http.sendfile"):
+        load(write(tmp_path, head + "  sendfile: sometimes\n"), {})

@@ -11,7 +11,7 @@ from ..errors import BlobUnknown
 from ..reference import parse_digest
 from ..storage import PathNotFound
 from .auth import requires
-from .common import registry, repository
+from .common import CONFIG_KEY, registry, repository
 from .sendfile import send_file
 
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -68,7 +68,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     tls = request.transport is not None and request.transport.get_extra_info("sslcontext")
     try:
         if local is not None and not tls:  # TLS: the bytes must pass through us, no sendfile
-            return await send_file(request, response, local, start, count)
+            return await send_file(request, response, local, start, count,
+                                   request.app[CONFIG_KEY].sendfile)
         return await _stream(request, response, store.reader(info, start, count), count)
     except (FileNotFoundError, PathNotFound):  # gone since stat: nothing was sent yet
         store.forget(d)
