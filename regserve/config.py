@@ -191,7 +191,7 @@ class Config:
     prefix: str = ""
     secret: str | None = None
     relative_urls: bool = False
-    sendfile: bool | None = None            # None: sendfile to remote peers, copy to loopback
+    sendfile: bool | None = None            # None: sendfile to remote peers, copy to local ones
     drain_timeout: float = 0.0
     headers: dict[str, list[str]] = field(default_factory=dict)
     storage_driver: str = "filesystem"

@@ -54,10 +54,11 @@ def app_factory(data_dir: Path):
 
 
 class RegserveTestServer(TestServer):
-    """An app served with the runner options `regserve serve` uses."""
+    """An app served with the runner options `regserve serve` uses (aiohttp's TestServer asks
+    for handler_cancellation=True; ours win)."""
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return web.AppRunner(self.app, **{**RUNNER_OPTIONS, **kwargs})
+        return web.AppRunner(self.app, **{**kwargs, **RUNNER_OPTIONS})
 
 
 @pytest.fixture

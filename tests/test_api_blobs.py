@@ -1,10 +1,13 @@
 """GET/HEAD/DELETE of blobs, Range requests, and the two download paths (sendfile, copy)."""
 
 import asyncio
+import logging
 import os
+import socket
 import threading
 import time
 
+import aiohttp
 import pytest
 
 from regserve.api import sendfile
@@ -192,18 +195,103 @@ async def test_copying_downloads_are_limited(pushed, monkeypatch):
     assert used[-1] == "_copy_blocking"
 
 
-class Peer:
-    def __init__(self, peername):
-        self.peername = peername
+class Connection:
+    """Only a transport's addresses: a stand-in for the unit test of peer_is_local."""
+
+    def __init__(self, peername, sockname):
+        self.names = {"peername": peername, "sockname": sockname}
 
     def get_extra_info(self, name):
-        return self.peername if name == "peername" else None
+        return self.names.get(name)
 
 
-@pytest.mark.parametrize("peername,local", [
-    (("127.0.0.1", 4000), True), (("127.8.9.1", 4000), True), (("::1", 4000, 0, 0), True),
-    (("::ffff:127.0.0.1", 4000, 0, 0), True), (("10.1.2.3", 4000), False),
-    (("::ffff:10.1.2.3", 4000, 0, 0), False), (("fe80::1%eth0", 4000, 0, 2), False),
-    (("2001:db8::1", 4000, 0, 0), False), (None, False), ("", False)])
-def test_peer_is_local(peername, local):
-    assert sendfile.peer_is_local(Peer(peername)) is local
+OURS = ("10.1.2.3", 5000)
+
+
+@pytest.mark.parametrize("peername,sockname,local", [
+    (("127.0.0.1", 4000), ("127.0.0.1", 5000), True), (("127.8.9.1", 4000), OURS, True),
+    (("::1", 4000, 0, 0), ("::1", 5000, 0, 0), True), (("::ffff:127.0.0.1", 4000, 0, 0), OURS, True),
+    (("10.1.2.3", 4000), OURS, True), (("::ffff:10.1.2.3", 4000, 0, 0), OURS, True),
+    (("10.1.2.4", 4000), OURS, False), (("::ffff:10.9.9.9", 4000, 0, 0), OURS, False),
+    (("fe80::1%eth0", 4000, 0, 2), ("fe80::2%eth0", 5000, 0, 2), False),
+    (("2001:db8::1", 4000, 0, 0), ("2001:db8::2", 5000, 0, 0), False),
+    (("10.1.2.3", 4000), None, False), (None, OURS, False), ("", OURS, False)])
+def test_peer_is_local(peername, sockname, local):
+    """Loopback peers, and peers with our own address on the connection, are on this host."""
+    assert sendfile.peer_is_local(Connection(peername, sockname)) is local
+
+
+@pytest.mark.parametrize("setting", ["false", "true"])
+async def test_client_gone_mid_download(aiohttp_client, app_factory, caplog, setting):
+    """A client that hangs up mid-body costs the server nothing lasting: no error beyond the
+    connection's, the copy slot and the buffer are given back, and the next pull is whole."""
+    data = os.urandom(48 << 20)  # more than the socket buffers hold
+    digest = digest_of(data)
+    client = await aiohttp_client(app_factory(REGISTRY_HTTP_SENDFILE=setting))
+    r = await client.post(f"/v2/foo/blobs/uploads/?digest={digest}", data=data)
+    assert r.status == 201
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        writer.write(f"GET /v2/foo/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(1 << 20)
+        writer.transport.abort()  # RST: the server's next write fails
+    for _ in range(200):
+        if sendfile._copying == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert sendfile._copying == 0
+    r = await client.get(f"/v2/foo/blobs/{digest}")
+    assert r.status == 200 and await r.read() == data
+    errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert not errors, [rec.getMessage() for rec in errors]
+
+
+@pytest.mark.parametrize("setting", ["false", "true"])
+async def test_cancelled_download_keeps_its_descriptors(aiohttp_server, app_factory, tmp_path,
+                                                        monkeypatch, setting):
+    """A download's request cancelled while its thread sends (as on shutdown, or with aiohttp's
+    handler cancellation, on here) must leave the thread its own descriptors. Were they closed
+    under it, files opened next would reuse their numbers, and the thread would copy into them:
+    here the files are opened just then, and must be unchanged when the thread has finished."""
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+    for name in ("_copy_blocking", "_sendfile_blocking"):
+        real = getattr(sendfile, name)
+
+        def held(*args, _real=real):
+            started.set()
+            try:
+                assert release.wait(10)
+                return _real(*args)
+            finally:
+                finished.set()
+        monkeypatch.setattr(sendfile, name, held)
+    server = await aiohttp_server(app_factory(REGISTRY_HTTP_SENDFILE=setting))  # cancels handlers
+    async with aiohttp.ClientSession() as session:
+        r = await session.post(server.make_url(f"/v2/foo/blobs/uploads/?digest={BIG_DIGEST}"),
+                               data=BIG)
+        assert r.status == 201
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(f"GET /v2/foo/blobs/{BIG_DIGEST} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    assert await asyncio.to_thread(started.wait, 10)
+    writer.transport.abort()
+    for _ in range(500):  # until the server has seen the connection go (and cancelled its handler)
+        if not server.runner.server.connections:
+            break
+        await asyncio.sleep(0.01)
+    assert not server.runner.server.connections
+    files = []
+    for i in range(8):
+        path = tmp_path / f"bystander-{i}"
+        path.write_bytes(bytes([i]) * (1 << 20))
+        files.append((path, os.open(path, os.O_RDWR)))
+    try:
+        release.set()
+        assert await asyncio.to_thread(finished.wait, 10)
+    finally:
+        for _, fd in files:
+            os.close(fd)
+    for i, (path, _) in enumerate(files):
+        assert path.read_bytes() == bytes([i]) * (1 << 20), f"{path.name} was written to"

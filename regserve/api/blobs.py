@@ -12,7 +12,7 @@ from ..reference import parse_digest
 from ..storage import PathNotFound
 from .auth import requires
 from .common import CONFIG_KEY, registry, repository
-from .sendfile import send_file
+from .sendfile import hang_up, send_file
 
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -84,9 +84,12 @@ async def _stream(request: web.Request, response: web.StreamResponse, chunks: As
     response.content_length = count
     await response.prepare(request)
     if first:
-        await response.write(first)
-        async for chunk in chunks:
-            await response.write(chunk)
+        try:
+            await response.write(first)
+            async for chunk in chunks:
+                await response.write(chunk)
+        except OSError as err:
+            return hang_up(request, response, err)
     await response.write_eof()
     return response
 
