@@ -17,12 +17,13 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 from .. import hashstate
 from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, UploadRangeInvalid
 from ..reference import Digest
 from ..storage import FileWriter, PathNotFound, StorageDriver, WriterBusy
+from ..uncancellable import to_the_end
 from . import paths
 from .blobs import BlobInfo, BlobStore, RepositoryBlobs
 
@@ -93,24 +94,7 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body:
                         pipe.close()
             if checkpoint is not None and not checkpointed:
                 await checkpoint()
-        await _to_the_end(settle())
-
-
-async def _to_the_end(step: Coroutine[Any, Any, None]) -> None:
-    """Await `step` until it is done, even if the task is cancelled meanwhile, and then raise
-    that cancellation. The pipeline's threads use the writer, which the caller closes next."""
-    task = asyncio.ensure_future(step)
-    cancelled = False
-    while True:
-        try:
-            await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                raise  # the step itself was cancelled
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
+        await to_the_end(settle())  # the caller closes the writer next
 
 
 class _Pipeline:

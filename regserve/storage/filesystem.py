@@ -19,6 +19,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Sequence, TypeVar
 
+from ..uncancellable import to_the_end
 from .base import FileInfo, FileWriter, PathNotFound, StorageDriver, WriterBusy
 from .directio import DirectAppender, direct_io_suits
 
@@ -181,7 +182,8 @@ class FilesystemDriver(StorageDriver):
         return self.root + path.rstrip("/") if path != "/" else self.root
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        # Never abandoned: the caller's cleanup may close the descriptor or writer fn uses.
+        return await to_the_end(asyncio.get_running_loop().run_in_executor(self._pool, fn, *args))
 
     def local_path(self, path: str) -> str | None:
         return self._full(path)
