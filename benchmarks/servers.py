@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -47,6 +48,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.log: BinaryIO | None = None
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -78,7 +80,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        self.log.close()
+        if self.log is not None:  # None: never started (another server failed first)
+            self.log.close()
 
     # -- metrics ------------------------------------------------------------------------------
 

@@ -38,3 +38,9 @@ def test_report_helpers():
     (summary,) = summarise(records, ("a", "b"))
     assert summary["MiB/s"]["a"]["median"] == 20 and summary["MiB/s"]["ratio"] == 4.0
     assert "4.00×" in table([summary], ("a", "b"))
+
+
+def test_a_server_that_never_started_stops_cleanly(tmp_path: Path):
+    """When the first server fails to start, the harness stops the others, never started."""
+    srv = Regserve(tmp_path / "rs", workers=1)
+    srv.stop()
