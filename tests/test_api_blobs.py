@@ -147,6 +147,7 @@ async def test_download_paths_send_exact_bytes(aiohttp_client, app_factory, monk
     paths send the exact bytes, whole and ranged; the copy's step is made odd-sized so that the
     ranges end mid-step."""
     monkeypatch.setattr(sendfile, "COPY_STEP", (1 << 20) + 13)
+    monkeypatch.setattr(sendfile, "COPY_MIN", 1 << 20)
     used = record_paths(monkeypatch)
     env = {} if setting is None else {"REGISTRY_HTTP_SENDFILE": setting}
     client = await aiohttp_client(app_factory(**env))
@@ -160,10 +161,22 @@ async def test_download_paths_send_exact_bytes(aiohttp_client, app_factory, monk
     assert used == [path, path]
 
 
+async def test_small_bodies_are_not_copied(pushed, monkeypatch):
+    """Under COPY_MIN a copy's setup is not repaid: sendfile even to a local peer."""
+    monkeypatch.setattr(sendfile, "COPY_MIN", 1 << 20)
+    used = record_paths(monkeypatch)
+    r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}", headers={"Range": "bytes=0-1048574"})
+    assert r.status == 206 and await r.read() == BIG[:(1 << 20) - 1]
+    r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}", headers={"Range": "bytes=0-1048575"})
+    assert r.status == 206 and await r.read() == BIG[:1 << 20]
+    assert used == ["_sendfile_blocking", "_copy_blocking"]
+
+
 async def test_copying_downloads_are_limited(pushed, monkeypatch):
     """Beyond COPY_SLOTS concurrent copying downloads, the others use sendfile. The first copy
     is held until the others have finished, so all of them overlap it."""
     monkeypatch.setattr(sendfile, "COPY_SLOTS", 1)
+    monkeypatch.setattr(sendfile, "COPY_MIN", 1 << 20)
     used = record_paths(monkeypatch)
     release = threading.Event()
     real_copy = sendfile._copy_blocking
