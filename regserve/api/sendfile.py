@@ -11,7 +11,7 @@ How the thread sends depends on the peer (`http.sendfile` forces either way):
   connection) gets pread+write in 4 MiB steps. There the receiver's copy out of the socket is
   the bottleneck. After sendfile it copies cold page-cache pages alone; after a write it copies
   warm socket buffers, and the cold read is done by our thread on the other core. Measured with
-  the benchmarks against distribution 2.8.2: pull_large 1 GiB 0.84x with sendfile, 1.30x
+  the benchmarks against distribution 2.8.2: pull_large 0.83-0.95x with sendfile, 1.21-1.33x
   copying. (Through a veth pair, MTU 1500, both ways pulled at 2.7-2.9 GB/s.)
 * Only COPY_SLOTS downloads per process copy at once; the others use sendfile. With many
   concurrent downloads every core is busy and the saved copy is worth more (pull_concurrent,
