@@ -171,7 +171,9 @@ def _apply_env(doc: dict[str, Any], env: Mapping[str, str]) -> None:
                 break
             path.append(part)
             if i == len(parts) - 1:
-                node[part] = value
+                # Empty means unset for anything but a string, as distribution takes it (an
+                # empty YAML document leaves the field at its zero value).
+                node[part] = None if value == "" and schema[part] != _S else value
             else:
                 if not isinstance(node.get(part), dict):
                     node[part] = {}

@@ -204,3 +204,13 @@ def test_http_sendfile_in_file_must_be_boolean(tmp_path):
     assert load(write(tmp_path, head + "  sendfile: false\n"), {}).sendfile is False
     with pytest.raises(ConfigError, match="http.sendfile"):
         load(write(tmp_path, head + "  sendfile: sometimes\n"), {})
+
+
+def test_empty_environment_values_leave_typed_keys_unset():
+    """distribution 2.8.2 starts with REGISTRY_STORAGE_DELETE_ENABLED= (empty) and takes it as
+    unset; so does regserve, for every key that is not a string."""
+    c = load(None, {"REGISTRY_STORAGE_DELETE_ENABLED": "", "REGISTRY_HTTP_SENDFILE": "",
+                    "REGISTRY_CATALOG_MAXENTRIES": "", "REGISTRY_HTTP_DRAINTIMEOUT": "",
+                    "REGISTRY_HTTP_PREFIX": ""})
+    assert c.delete_enabled is False and c.sendfile is None
+    assert c.catalog_max_entries == 1000 and c.drain_timeout == 0.0 and c.prefix == ""
