@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from regserve.api import sendfile
+from regserve.registry.blobs import BlobStore
 
 from .conftest import digest_of
 
@@ -243,13 +244,17 @@ def test_peer_is_local(peername, sockname, local):
     assert sendfile.peer_is_local(Connection(peername, sockname)) is local
 
 
-@pytest.mark.parametrize("setting", ["false", "true"])
-async def test_client_gone_mid_download(aiohttp_client, app_factory, caplog, setting):
+@pytest.mark.parametrize("setting", ["false", "true", "streamed"])
+async def test_client_gone_mid_download(aiohttp_client, app_factory, caplog, monkeypatch, setting):
     """A client that hangs up mid-body costs the server nothing lasting: no error beyond the
-    connection's, the copy slot and the buffer are given back, and the next pull is whole."""
+    connection's, the copy slot and the buffer are given back, and the next pull is whole.
+    "streamed": the path of TLS connections and drivers without local files."""
+    if setting == "streamed":
+        monkeypatch.setattr(BlobStore, "local_path", lambda self, info: None)
     data = os.urandom(48 << 20)  # more than the socket buffers hold
     digest = digest_of(data)
-    client = await aiohttp_client(app_factory(REGISTRY_HTTP_SENDFILE=setting))
+    env = {} if setting == "streamed" else {"REGISTRY_HTTP_SENDFILE": setting}
+    client = await aiohttp_client(app_factory(**env))
     r = await client.post(f"/v2/foo/blobs/uploads/?digest={digest}", data=data)
     assert r.status == 201
     for _ in range(3):
