@@ -137,17 +137,26 @@ async def slots_released() -> None:
     assert sendfile._copying == 0
 
 
-def record_paths(monkeypatch) -> list[str]:
-    """Which of the download paths ran, in order (each still does its work)."""
-    used: list[str] = []
-    for name in ("_copy_blocking", "_sendfile_blocking"):
-        real = getattr(sendfile, name)
+class PathSpy:
+    """Wraps the two download paths: `used` lists the ones that ran, in order; those named in
+    `hold` first wait for `release`. Each still does its work."""
 
-        def spy(*args, _real=real, _name=name):
-            used.append(_name)
-            return _real(*args)
-        monkeypatch.setattr(sendfile, name, spy)
-    return used
+    def __init__(self, monkeypatch, hold: tuple[str, ...] = ()) -> None:
+        self.used: list[str] = []
+        self.started, self.release, self.finished = (threading.Event() for _ in range(3))
+        for name in ("_copy_blocking", "_sendfile_blocking"):
+            real = getattr(sendfile, name)
+
+            def spy(*args, _real=real, _name=name):
+                self.started.set()
+                try:
+                    if _name in hold:
+                        assert self.release.wait(10)
+                    self.used.append(_name)
+                    return _real(*args)
+                finally:
+                    self.finished.set()
+            monkeypatch.setattr(sendfile, name, spy)
 
 
 @pytest.mark.parametrize("setting,path", [(None, "_copy_blocking"), ("false", "_copy_blocking"),
@@ -158,7 +167,7 @@ async def test_download_paths_send_exact_bytes(aiohttp_client, app_factory, monk
     ranges end mid-step."""
     monkeypatch.setattr(sendfile, "COPY_STEP", (1 << 20) + 13)
     monkeypatch.setattr(sendfile, "COPY_MIN", 1 << 20)
-    used = record_paths(monkeypatch)
+    used = PathSpy(monkeypatch).used
     env = {} if setting is None else {"REGISTRY_HTTP_SENDFILE": setting}
     client = await aiohttp_client(app_factory(**env))
     r = await client.post(f"/v2/foo/blobs/uploads/?digest={BIG_DIGEST}", data=BIG)
@@ -174,7 +183,7 @@ async def test_download_paths_send_exact_bytes(aiohttp_client, app_factory, monk
 async def test_small_bodies_are_not_copied(pushed, monkeypatch):
     """Under COPY_MIN a copy's setup is not repaid: sendfile even to a local peer."""
     monkeypatch.setattr(sendfile, "COPY_MIN", 1 << 20)
-    used = record_paths(monkeypatch)
+    used = PathSpy(monkeypatch).used
     r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}", headers={"Range": "bytes=0-1048574"})
     assert r.status == 206 and await r.read() == BIG[:(1 << 20) - 1]
     r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}", headers={"Range": "bytes=0-1048575"})
@@ -187,14 +196,8 @@ async def test_copying_downloads_are_limited(pushed, monkeypatch):
     is held until the others have finished, so all of them overlap it."""
     monkeypatch.setattr(sendfile, "COPY_SLOTS", 1)
     monkeypatch.setattr(sendfile, "COPY_MIN", 1 << 20)
-    used = record_paths(monkeypatch)
-    release = threading.Event()
-    real_copy = sendfile._copy_blocking
-
-    def held_copy(*args):
-        assert release.wait(10)
-        return real_copy(*args)
-    monkeypatch.setattr(sendfile, "_copy_blocking", held_copy)
+    spy = PathSpy(monkeypatch, hold=("_copy_blocking",))
+    used = spy.used
 
     async def pull() -> bytes:
         r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}")
@@ -211,7 +214,7 @@ async def test_copying_downloads_are_limited(pushed, monkeypatch):
         assert others == [BIG, BIG]
         assert used == ["_sendfile_blocking", "_sendfile_blocking"]
     finally:
-        release.set()
+        spy.release.set()
     assert await first == BIG
     await slots_released()
     assert await pull() == BIG  # the slot is free again: copied
@@ -278,18 +281,7 @@ async def test_cancelled_download_keeps_its_descriptors(aiohttp_server, app_fact
     handler cancellation, on here) must leave the thread its own descriptors. Were they closed
     under it, files opened next would reuse their numbers, and the thread would copy into them:
     here the files are opened just then, and must be unchanged when the thread has finished."""
-    started, release, finished = threading.Event(), threading.Event(), threading.Event()
-    for name in ("_copy_blocking", "_sendfile_blocking"):
-        real = getattr(sendfile, name)
-
-        def held(*args, _real=real):
-            started.set()
-            try:
-                assert release.wait(10)
-                return _real(*args)
-            finally:
-                finished.set()
-        monkeypatch.setattr(sendfile, name, held)
+    spy = PathSpy(monkeypatch, hold=("_copy_blocking", "_sendfile_blocking"))
     server = await aiohttp_server(app_factory(REGISTRY_HTTP_SENDFILE=setting))  # cancels handlers
     async with aiohttp.ClientSession() as session:
         r = await session.post(server.make_url(f"/v2/foo/blobs/uploads/?digest={BIG_DIGEST}"),
@@ -298,7 +290,7 @@ async def test_cancelled_download_keeps_its_descriptors(aiohttp_server, app_fact
     reader, writer = await asyncio.open_connection(server.host, server.port)
     writer.write(f"GET /v2/foo/blobs/{BIG_DIGEST} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
-    assert await asyncio.to_thread(started.wait, 10)
+    assert await asyncio.to_thread(spy.started.wait, 10)
     writer.transport.abort()
     for _ in range(500):  # until the server has seen the connection go (and cancelled its handler)
         if not server.runner.server.connections:
@@ -311,8 +303,8 @@ async def test_cancelled_download_keeps_its_descriptors(aiohttp_server, app_fact
         path.write_bytes(bytes([i]) * (1 << 20))
         files.append((path, os.open(path, os.O_RDWR)))
     try:
-        release.set()
-        assert await asyncio.to_thread(finished.wait, 10)
+        spy.release.set()
+        assert await asyncio.to_thread(spy.finished.wait, 10)
     finally:
         for _, fd in files:
             os.close(fd)

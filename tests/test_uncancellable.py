@@ -9,6 +9,19 @@ from regserve.storage.filesystem import FilesystemDriver
 from regserve.uncancellable import to_the_end
 
 
+async def cancel_then_release(task: asyncio.Future, release: threading.Event, times: int = 1) -> None:
+    """Cancel `task` `times` times: it must still be waiting; then let the work end, and the
+    task end cancelled."""
+    await asyncio.sleep(0.01)
+    for _ in range(times):
+        task.cancel()
+        await asyncio.sleep(0.01)
+        assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_cancellations_wait_for_the_work_then_are_raised():
     release, done = threading.Event(), threading.Event()
 
@@ -17,14 +30,7 @@ async def test_cancellations_wait_for_the_work_then_are_raised():
         done.set()
         return "result"
     task = asyncio.ensure_future(to_the_end(asyncio.to_thread(work)))
-    await asyncio.sleep(0.01)
-    for _ in range(3):
-        task.cancel()
-        await asyncio.sleep(0.01)
-        assert not task.done()
-    release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_then_release(task, release, times=3)
     assert done.is_set()
 
 
@@ -39,11 +45,4 @@ async def test_filesystem_calls_are_not_abandoned(tmp_path):
     close the writer (and its descriptor) while the thread still fsyncs and renames."""
     driver = FilesystemDriver(str(tmp_path))
     release = threading.Event()
-    task = asyncio.ensure_future(driver._run(release.wait, 10))
-    await asyncio.sleep(0.01)
-    task.cancel()
-    await asyncio.sleep(0.05)
-    assert not task.done()
-    release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_then_release(asyncio.ensure_future(driver._run(release.wait, 10)), release)
