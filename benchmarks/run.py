@@ -65,10 +65,10 @@ def disk_rates(workdir: Path) -> dict:
 
 def loopback_rates(path: Path, rounds: int = 5) -> dict:
     """How fast this machine moves a cached file to a loopback client that reads into a 4 MiB
-    buffer: by sendfile on a corked socket (regserve's download path), and by read+write
-    (distribution 2.8.2's way: its storage driver hides the file from Go's sendfile, so it copies
-    in 32 KiB steps; here 256 KiB steps, so that the Python loop costs little). Both are kernel
-    work; neither registry runs here. Medians of `rounds` transfers."""
+    buffer: by sendfile on a corked socket (regserve's path to remote peers), and by read+write
+    (regserve's path to peers on this host, in 4 MiB steps; distribution 2.8.2's way too, in
+    32 KiB steps, as its storage driver hides the file from Go's sendfile; here 256 KiB steps).
+    Both are kernel work; neither registry runs here. Medians of `rounds` transfers."""
     size = path.stat().st_size
     sc.read_through(path)  # cached, like the blobs the pull scenarios serve
     rates = {}
