@@ -28,7 +28,7 @@ async def test_stream_outlives_repeated_cancellation_until_its_threads_are_done(
     def slow_write(chunks, loop):
         time.sleep(0.05)  # a slow disk: the pipeline is still busy when the cancellations come
         if closing:
-            late_writes.append(sum(map(len, chunks)))
+            late_writes.append(len(chunks))
             return
         real_write(chunks, loop)
     writer.write_from_thread = slow_write
@@ -65,3 +65,66 @@ async def test_stream_outlives_repeated_cancellation_until_its_threads_are_done(
     assert late_writes == []
     assert (tmp_path / "upload/data").read_bytes() == data
     assert hasher.length == len(data)
+
+
+async def test_stream_from_mid_block_in_odd_pieces_keeps_every_byte(tmp_path):
+    """Through the real threads: an upload whose data so far ends mid-block, continued in pieces
+    of every size around the block and buffer sizes. The file is exactly the bytes in order,
+    and the hash is theirs."""
+    import hashlib
+    import random
+    from regserve.storage import directio
+    driver = FilesystemDriver(str(tmp_path))
+    first = os.urandom(5000)
+    (tmp_path / "upload").mkdir()
+    (tmp_path / "upload/data").write_bytes(first)
+    rng = random.Random(5)
+    sizes = [1, 4095, 4096, 4097, 65536 + 7, BATCH, directio.BUFFER - 1, directio.BUFFER + 3]
+    pieces = [os.urandom(rng.choice(sizes)) for _ in range(40)]
+    writer = await driver.writer("/upload/data", append=True)
+    hasher = hashstate.Hasher("sha256")
+    hasher.update(first)
+
+    async def body():
+        for piece in pieces:
+            yield piece
+
+    await uploads.stream_into(writer, [hasher], body())
+    await writer.close()
+    expected = first + b"".join(pieces)
+    assert (tmp_path / "upload/data").read_bytes() == expected
+    assert hasher.hexdigest() == hashlib.sha256(expected).hexdigest()
+    assert writer.size == len(expected)
+
+
+async def test_a_write_failing_mid_stream_ends_it_with_that_error(tmp_path, monkeypatch):
+    """The disk fills up while the hashing thread waits for a buffer to stage into: the stream
+    ends with the disk's error, promptly, and the file keeps a gapless prefix."""
+    import errno
+    from regserve.storage import directio
+    driver = FilesystemDriver(str(tmp_path))
+    writer = await driver.writer("/upload/data")
+    real_writev = os.writev
+    calls = {"n": 0}
+
+    def slow_then_full(fd: int, buffers) -> int:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        time.sleep(0.1)  # meanwhile every buffer fills, and the hashing thread waits for one
+        return real_writev(fd, buffers)
+    monkeypatch.setattr(directio.os, "writev", slow_then_full)
+    data = os.urandom(64 << 20)
+
+    async def body():
+        for start in range(0, len(data), BATCH):
+            yield data[start:start + BATCH]
+
+    with pytest.raises(OSError) as failure:
+        await asyncio.wait_for(uploads.stream_into(writer, [hashstate.Hasher("sha256")], body()), 30)
+    assert failure.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    await writer.close()
+    on_disk = (tmp_path / "upload/data").read_bytes()
+    assert 0 < len(on_disk) < len(data)
+    assert on_disk == data[:len(on_disk)]

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,13 @@ from regserve.storage import directio
 from regserve.storage.filesystem import CACHE_BEHIND, WRITEBACK_STEP, FilesystemDriver
 
 from .conftest import require_tool
+
+
+def _pipeline_write(writer, batch: list[bytes], loop: asyncio.AbstractEventLoop) -> None:
+    """As the upload pipeline's threads do it: stage each chunk, take at the batch's end, write."""
+    for chunk in batch:
+        writer.stage(chunk)
+    writer.write_from_thread(writer.take_staged(), loop)
 
 
 def resident_bytes(fincore: str, path: Path) -> int:
@@ -37,7 +45,7 @@ async def test_a_large_stream_keeps_only_its_tail_in_the_page_cache(tmp_path: Pa
         for _ in range(per_writer):
             block = os.urandom(4 << 20)
             digest.update(block)
-            await loop.run_in_executor(None, writer.write_from_thread, [block], loop)
+            await loop.run_in_executor(None, _pipeline_write, writer, [block], loop)
         await writer.close()
     assert (tmp_path / "stream").stat().st_size == 384 << 20
     assert resident_bytes(fincore, tmp_path / "stream") <= CACHE_BEHIND + 2 * WRITEBACK_STEP
@@ -60,7 +68,7 @@ async def _write_stream(driver: FilesystemDriver, path: str, pieces: list[list[b
         if index == 0 and small_first:
             await writer.write([small_first])  # a small body, written inline
         for batch in batches:
-            await loop.run_in_executor(None, writer.write_from_thread, [batch], loop)
+            await loop.run_in_executor(None, _pipeline_write, writer, [batch], loop)
         await writer.close()
 
 
@@ -113,47 +121,107 @@ async def test_without_direct_io_the_writer_falls_back_to_buffered(tmp_path: Pat
 
 
 def test_a_failed_direct_write_leaves_a_gapless_prefix(tmp_path: Path, monkeypatch):
-    """The disk fills up in the middle of a buffer's write: what is on disk afterwards, flush
-    included, is a prefix of the stream, no byte repeated or skipped, so a resumed upload
-    continues from the file's size."""
+    """The disk fills up in the middle of a write: what is on disk afterwards, flush included,
+    is a prefix of the stream, no byte repeated or skipped, so a resumed upload continues from
+    the file's size."""
     path = tmp_path / "upload"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     data = os.urandom(3 * directio.BUFFER + 1234)
-    real_write = os.write
+    real_writev = os.writev
     calls = {"n": 0}
 
-    def failing_write(wfd: int, buf) -> int:
-        if wfd != fd:  # os.write is patched process-wide: leave everyone else's writes alone
-            return real_write(wfd, buf)
+    def failing_writev(wfd: int, buffers) -> int:
+        if wfd != fd:  # os.writev is patched process-wide: leave everyone else's writes alone
+            return real_writev(wfd, buffers)
         calls["n"] += 1
-        if calls["n"] == 2:  # a short write ...
-            return real_write(wfd, memoryview(buf)[:directio.ALIGN * 3])
-        if calls["n"] == 3:  # ... then the disk is full
+        if calls["n"] == 1:  # a short write ...
+            return real_writev(wfd, [buffers[0], memoryview(buffers[1])[:directio.ALIGN * 3]])
+        if calls["n"] == 2:  # ... then the disk is full
             raise OSError(28, "No space left on device")
-        return real_write(wfd, buf)
+        return real_writev(wfd, buffers)
 
     appender = directio.DirectAppender(fd, 0)
-    monkeypatch.setattr(directio.os, "write", failing_write)
+    appender.stage(data)
+    monkeypatch.setattr(directio.os, "writev", failing_writev)
     with pytest.raises(OSError):
-        appender.append([data])
-    monkeypatch.setattr(directio.os, "write", real_write)
+        appender.write(appender.take())
+    monkeypatch.setattr(directio.os, "writev", real_writev)
     appender.flush()
     os.close(fd)
-    on_disk = path.read_bytes()
-    assert on_disk == data[:len(on_disk)]
-    assert len(on_disk) > directio.BUFFER
+    assert calls["n"] == 2
+    assert path.read_bytes() == data[:directio.BUFFER + 3 * directio.ALIGN]
+
+
+def _staged_in_thread(appender: directio.DirectAppender, chunk: bytes) -> tuple[threading.Thread, list]:
+    errors: list[BaseException] = []
+
+    def stage() -> None:
+        try:
+            appender.stage(chunk)
+        except BaseException as e:  # noqa: BLE001 - checked by the test
+            errors.append(e)
+    thread = threading.Thread(target=stage, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_staging_waits_for_a_written_buffer_when_all_are_taken(tmp_path: Path):
+    """The copies staged ahead of the device are bounded: with every buffer waiting to be
+    written, the staging thread waits until the writing thread gives one back."""
+    path = tmp_path / "upload"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    appender = directio.DirectAppender(fd, 0)
+    data = os.urandom(directio.BUFFERS * directio.BUFFER - 1)
+    appender.stage(data)  # all buffers in use, the last one short of full by a byte
+    ready = appender.take()
+    thread, errors = _staged_in_thread(appender, b"xy")  # fills it, and wants another
+    thread.join(0.3)
+    assert thread.is_alive()
+    appender.write(ready[:1])  # the first buffer is written and given back
+    thread.join(10)
+    assert not thread.is_alive() and errors == []
+    appender.write(ready[1:] + appender.take())
+    appender.flush()
+    os.close(fd)
+    assert path.read_bytes() == data + b"xy"
+
+
+def test_a_failed_write_wakes_a_waiting_staging_thread_with_an_error(tmp_path: Path, monkeypatch):
+    path = tmp_path / "upload"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    appender = directio.DirectAppender(fd, 0)
+    appender.stage(os.urandom(directio.BUFFERS * directio.BUFFER - 1))
+    ready = appender.take()
+    thread, errors = _staged_in_thread(appender, b"xy")
+    thread.join(0.3)
+    assert thread.is_alive()
+
+    def full(wfd: int, buffers) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(directio.os, "writev", full)
+    with pytest.raises(OSError):
+        appender.write(ready)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert [type(e) for e in errors] == [OSError]
+    with pytest.raises(OSError):  # and so is every later stage
+        appender.stage(b"z")
+    monkeypatch.undo()
+    appender.flush()
+    os.close(fd)
+    assert path.read_bytes() == b""
 
 
 async def test_a_device_that_refuses_the_alignment_gets_buffered_writes(tmp_path: Path, monkeypatch):
     """O_DIRECT accepted, but the device wants larger blocks than ALIGN: its first direct write
     fails with EINVAL, and the writer carries on through the page cache without losing a byte."""
-    real_write = os.write
+    real_writev = os.writev
 
-    def strict_write(fd: int, buf) -> int:
+    def strict_writev(fd: int, buffers) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, buf)
-    monkeypatch.setattr(directio.os, "write", strict_write)
+        return real_writev(fd, buffers)
+    monkeypatch.setattr(directio.os, "writev", strict_writev)
     driver = FilesystemDriver(str(tmp_path))
     pieces = _random_pieces(3, writers=3)
     await _write_stream(driver, "/upload", pieces, small_first=b"x" * 100)

@@ -29,7 +29,9 @@ from .blobs import BlobInfo, BlobStore, RepositoryBlobs
 
 UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 BATCH_BYTES = 512 << 10       # handed to the hash/write threads at a time
-IN_FLIGHT_BYTES = 8 << 20     # queued for hashing/writing: bounds memory, and the tail a PATCH waits for
+HASH_AHEAD_BYTES = 8 << 20    # received, not hashed yet
+IN_FLIGHT_BYTES = 24 << 20    # received, not written yet: bounds memory, and the tail a PATCH waits for
+WRITE_GATHER_BYTES = 8 << 20  # at most this much of what is ready is written with one call
 CHECKPOINT_BYTES = 256 << 20     # hash state saved this often within one long request
 _hash_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hash")  # resume/fallback re-hash
 
@@ -48,6 +50,15 @@ def _hash_batch(hashers: list[hashstate.Hasher], batch: Sequence[bytes]) -> None
     for h in hashers:
         for chunk in batch:
             h.update(chunk)
+
+
+def _hash_and_stage(hashers: list[hashstate.Hasher], writer: FileWriter, batch: Sequence[bytes]) -> Sequence[object]:
+    # Chunk by chunk: the writer's copy (for direct I/O) finds each one still in the CPU's cache.
+    for chunk in batch:
+        for h in hashers:
+            h.update(chunk)
+        writer.stage(chunk)
+    return writer.take_staged()
 
 
 async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body: AsyncIterator[bytes],
@@ -98,64 +109,98 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body:
 
 
 class _Pipeline:
-    """Hashing and writing of one stream, each in a thread of its own so both keep their order,
-    overlapping each other and the event loop's reading of the next batch. Batches reach the
-    threads through queues; the loop is woken only when it must wait, when more than
-    IN_FLIGHT_BYTES are queued (bounding memory whatever the blob size) until half of it is done,
-    or at the end."""
+    """Hashing and writing of one stream in two threads, overlapping each other and the event
+    loop's reading of the next batch. The hashing thread hashes each batch and stages it for
+    writing (the writer's copy into aligned buffers happens there, while the data is in cache);
+    the writing thread writes what was staged. Batches pass through queues; the loop is woken
+    only when it must wait, or at the end. It waits when more than HASH_AHEAD_BYTES are not
+    hashed yet, or more than IN_FLIGHT_BYTES not written yet (bounding memory whatever the blob
+    size; the slack absorbs the device's slow moments), until half of that is done."""
 
     def __init__(self, writer: FileWriter, hashers: list[hashstate.Hasher]) -> None:
         self.loop = asyncio.get_running_loop()
-        self.submitted = 0
-        self.done = [0, 0]  # bytes finished by the hashing and the writing thread
+        self.writer, self.hashers = writer, hashers
+        self.submitted = self.hashed = self.written = 0  # bytes (hashed/written: or skipped after an error)
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._waiter: asyncio.Future[None] | None = None
-        self._wake_at = 0
-        self._queues: list[queue.SimpleQueue[tuple[Sequence[bytes], int] | None]] = []
-        for index, work in enumerate((lambda parts: _hash_batch(hashers, parts),
-                                      lambda parts: writer.write_from_thread(parts, self.loop))):
-            q: queue.SimpleQueue[tuple[Sequence[bytes], int] | None] = queue.SimpleQueue()
-            threading.Thread(target=self._run, args=(index, q, work), daemon=True,
-                             name=("upload-hash", "upload-write")[index]).start()
-            self._queues.append(q)
+        self._wake_share = 0.0  # the waiter is woken when this share of the limits is left
+        self._to_hash: queue.SimpleQueue[tuple[Sequence[bytes], int] | None] = queue.SimpleQueue()
+        self._to_write: queue.SimpleQueue[tuple[Sequence[object], int] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._hash, daemon=True, name="upload-hash").start()
+        threading.Thread(target=self._write, daemon=True, name="upload-write").start()
 
-    def _run(self, index: int, q: "queue.SimpleQueue[tuple[Sequence[bytes], int] | None]",
-             work: Callable[[Sequence[bytes]], None]) -> None:
-        while (item := q.get()) is not None:
+    def _hash(self) -> None:
+        while (item := self._to_hash.get()) is not None:
             parts, nbytes = item
+            staged: Sequence[object] = ()
             if self.error is None:  # after an error, batches are only counted off
                 try:
-                    work(parts)
+                    staged = _hash_and_stage(self.hashers, self.writer, parts)
                 except BaseException as e:  # noqa: BLE001 - handed to the request
-                    self.error = e
-            with self._lock:
-                self.done[index] += nbytes
-                waiter = self._waiter
-                if waiter is not None and self.submitted - min(self.done) <= self._wake_at:
-                    self._waiter = None
-                    self.loop.call_soon_threadsafe(_wake, waiter)
+                    self._fail(e)
+            self._to_write.put((staged, nbytes))
+            self._count(nbytes, 0)
+        self._to_write.put(None)
+
+    def _write(self) -> None:
+        ended = False
+        while not ended and (item := self._to_write.get()) is not None:
+            staged, nbytes = list(item[0]), item[1]
+            while nbytes < WRITE_GATHER_BYTES:  # what else is ready goes in the same write
+                try:
+                    more = self._to_write.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    ended = True
+                    break
+                staged += more[0]
+                nbytes += more[1]
+            if self.error is None and staged:
+                try:
+                    self.writer.write_from_thread(staged, self.loop)
+                except BaseException as e:  # noqa: BLE001 - handed to the request
+                    self._fail(e)
+            self._count(0, nbytes)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.error is None:  # the first one is the cause
+                self.error = error
+
+    def _behind(self, share: float) -> bool:
+        return (self.submitted - self.hashed > HASH_AHEAD_BYTES * share
+                or self.submitted - self.written > IN_FLIGHT_BYTES * share)
+
+    def _count(self, hashed: int, written: int) -> None:
+        with self._lock:
+            self.hashed += hashed
+            self.written += written
+            waiter = self._waiter
+            if waiter is not None and not self._behind(self._wake_share):
+                self._waiter = None
+                self.loop.call_soon_threadsafe(_wake, waiter)
 
     async def submit(self, parts: list[bytes], nbytes: int) -> None:
         with self._lock:
             self.submitted += nbytes
-        for q in self._queues:
-            q.put((parts, nbytes))
-        if self.submitted - min(self.done) > IN_FLIGHT_BYTES:
-            await self._wait_until(IN_FLIGHT_BYTES // 2)
+        self._to_hash.put((parts, nbytes))
+        if self._behind(1.0):
+            await self._wait_until(0.5)
         self._raise_error()
 
     async def drain(self) -> None:
         """Wait until every batch submitted is done (or skipped after an error), then raise
         that error."""
-        await self._wait_until(0)
+        await self._wait_until(0.0)
         self._raise_error()
 
-    async def _wait_until(self, queued: int) -> None:
+    async def _wait_until(self, share: float) -> None:
         with self._lock:
-            if self.submitted - min(self.done) <= queued:
+            if not self._behind(share):
                 return
-            self._wake_at = queued
+            self._wake_share = share
             self._waiter = waiter = self.loop.create_future()
         await waiter
 
@@ -164,8 +209,7 @@ class _Pipeline:
             raise self.error
 
     def close(self) -> None:
-        for q in self._queues:
-            q.put(None)
+        self._to_hash.put(None)  # the hashing thread passes it on to the writing thread
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 
 class PathNotFound(Exception):
@@ -34,19 +34,36 @@ class FileWriter(abc.ABC):
     """A streaming writer. `close()` keeps what was written so a later writer can append to it;
     `commit(dest)` makes it durable under its final name; `cancel()` removes it.
 
-    Writes are sequential: one at a time, each appended after the last. Bulk data comes through
-    `write_from_thread()` from the upload pipeline's thread; `write()` is for a body small enough
-    that a thread handoff would cost more than the write. `size` counts the bytes written so far."""
+    Writes are sequential: one at a time, each appended after the last. Bulk data comes from the
+    upload pipeline: its hashing thread `stage()`s each chunk and `take_staged()`s at the end of
+    each batch, its writing thread passes that to `write_from_thread()`. `write()` is for a body
+    small enough that a thread handoff would cost more than the write. `size` counts the bytes
+    written (or staged) so far."""
 
     size: int
+
+    def __init__(self) -> None:
+        self._staged: list[bytes] = []
 
     @abc.abstractmethod
     async def write(self, chunks: Sequence[bytes]) -> None: ...
 
-    def write_from_thread(self, chunks: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> None:
-        """`write()` for a worker thread of the upload pipeline. Drivers whose I/O blocks write
-        right there; this default hands the batch back to the event loop and waits."""
-        asyncio.run_coroutine_threadsafe(self.write(chunks), loop).result()
+    def stage(self, chunk: bytes) -> None:
+        """Take `chunk` for writing. Called in the pipeline's hashing thread right after the
+        chunk was hashed, while it is still in the CPU's cache: a writer that copies data before
+        writing it (into aligned buffers for direct I/O) copies here. This default keeps it."""
+        self._staged.append(chunk)
+
+    def take_staged(self) -> Sequence[Any]:
+        """What was staged since the last call, ready for `write_from_thread()`."""
+        staged, self._staged = self._staged, []
+        return staged
+
+    def write_from_thread(self, staged: Sequence[Any], loop: asyncio.AbstractEventLoop) -> None:
+        """Write what `take_staged()` returned, in the pipeline's writing thread. Drivers whose
+        I/O blocks write right there; this default hands the chunks back to the event loop and
+        waits."""
+        asyncio.run_coroutine_threadsafe(self.write(staged), loop).result()
 
     @abc.abstractmethod
     async def commit(self, dest: str) -> None:

@@ -8,9 +8,12 @@ faster (1 GiB: 1,376 against 1,139 MiB/s in one pair of runs, equal within noise
 two). Blob data is written once and read later, if at all: the cache gains little from it, and
 a large push no longer evicts what the host caches.
 
-O_DIRECT wants the buffer, the file offset and the length aligned to the device's block. Batches
-are copied into a page-aligned buffer (ctypes.memmove releases the GIL; a slice assignment would
-not) and written in whole blocks. A partial block waits for the next batch, or for flush(), which
+O_DIRECT wants the buffer, the file offset and the length aligned to the device's block. The
+upload pipeline's hashing thread copies each chunk into page-aligned buffers right after hashing
+it, while it is still in the CPU's cache (stage; ctypes.memmove releases the GIL, a slice
+assignment would not); its writing thread writes them out in whole blocks (write). When the
+writing thread made the copies itself, it alternated between copying and waiting for the device,
+and it was the slowest stage of a push. A partial block waits for more data, or for flush(), which
 writes it through the page cache. An append that starts mid-block first fills that block the same
 way.
 """
@@ -22,15 +25,19 @@ import errno
 import fcntl
 import mmap
 import os
+import queue
 import re
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Sequence, Union
 
 # Network and FUSE filesystems accept O_DIRECT, but each direct write then waits for a round
 # trip, where buffered writes are pipelined by the kernel: by default they are written buffered.
 REMOTE_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "lustre",
                       "afs", "gpfs", "beegfs", "fuse", "fuseblk"}
 ALIGN = 4096           # the logical block size of nearly every device (larger: see _write_out)
-BUFFER = 1 << 20       # whole blocks go out when this fills, or at the end of each batch
+BUFFER = 2 << 20       # whole blocks go out when this fills, or at the end of each batch
+BUFFERS = 8            # per upload at most: up to 16 MiB staged ahead of the device
+IOV_MAX = 1024
 
 
 def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
@@ -67,82 +74,196 @@ def _set_direct(fd: int, on: bool) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
 
 
+def _address(data: bytes) -> int:
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+
+
+class _Buffer:
+    """A page-aligned buffer (a mapping of its own) and its address."""
+
+    def __init__(self) -> None:
+        self.map = mmap.mmap(-1, BUFFER)
+        self._anchor = ctypes.c_char.from_buffer(self.map)  # pins the mapping while we use its address
+        self.addr = ctypes.addressof(self._anchor)
+
+    def view(self, start: int, end: int) -> memoryview:
+        """Bytes [start, end), through ctypes rather than the mapping itself, so that a view
+        still referenced (by a traceback, say) cannot keep close() from unmapping it."""
+        return memoryview((ctypes.c_char * (end - start)).from_address(self.addr + start))
+
+    def close(self) -> None:
+        del self._anchor
+        self.map.close()
+
+
+# Buffers of finished uploads, kept for the next: one upload's worth. Each upload of more than
+# BUFFERS * BUFFER bytes uses all its buffers in turn, so the memory a process holds for staging
+# is the same whatever the layer size (and is paged in once, not per upload).
+_spare: queue.SimpleQueue[_Buffer] = queue.SimpleQueue()
+
+
+def _buffer() -> _Buffer:
+    try:
+        return _spare.get_nowait()
+    except queue.Empty:
+        return _Buffer()
+
+
+def _give_back(buffers: list[_Buffer]) -> None:
+    for buf in buffers:
+        if _spare.qsize() < BUFFERS:
+            _spare.put(buf)
+        else:
+            buf.close()
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Whole blocks ready to be written: bytes [start, end) of `buffer`. The buffer's last
+    Blocks (`last`) gives it back once written."""
+    buffer: _Buffer
+    start: int
+    end: int
+    last: bool
+
+
+Staged = Union[bytes, Blocks]  # bytes: to write through the page cache (the head of an unaligned file)
+
+
 class DirectAppender:
-    """Appends to `fd` (opened for writing at its end) whose file holds `size` bytes. Raises
-    OSError if the filesystem refuses O_DIRECT; the caller then writes buffered."""
+    """Appends to `fd` (opened for writing at its end) whose file holds `size` bytes. One thread
+    stages chunks (stage, then take at the end of each batch), another writes what take returned
+    (write), in that order; flush() ends the appender. Raises OSError if the filesystem refuses
+    O_DIRECT; the caller then writes buffered."""
 
     def __init__(self, fd: int, size: int) -> None:
         _set_direct(fd, True)  # fails here, before any byte is taken, where unsupported
-        self._head = -size % ALIGN  # bytes to write buffered until the file's end is aligned
-        if self._head:
-            _set_direct(fd, False)
+        _set_direct(fd, False)  # the writing thread switches it as each write needs
         self._fd = fd
-        self._buf = mmap.mmap(-1, BUFFER)
-        self._anchor = ctypes.c_char.from_buffer(self._buf)  # pins the buffer while we use its address
-        self._addr = ctypes.addressof(self._anchor)
-        self._held = 0     # bytes in the buffer
-        self._written = 0  # of which already on disk
+        self._direct = False
+        self._head = -size % ALIGN  # bytes to write buffered until the file's end is aligned
+        # Buffers come back once written; with all BUFFERS in use, stage() waits for the oldest.
+        # None in the queue: a write failed, stop staging.
+        self._free: queue.SimpleQueue[_Buffer | None] = queue.SimpleQueue()
+        self._buffers: list[_Buffer] = []
+        self._buf = self._new_buffer()
+        self._held = 0     # bytes in the current buffer
+        self._handed = 0   # of which already handed out as Blocks
+        self._ready: list[Staged] = []
+        self._handed_total = 0   # bytes handed out, and bytes written: flush() adds the tail only
+        self._written_total = 0  # after all of them, so the file never has a gap
+        self._failed = False
         self._refused = False  # the device wants a larger alignment: buffered from then on
 
-    def append(self, chunks: Sequence[bytes]) -> None:
-        for chunk in chunks:
-            chunk = bytes(chunk) if not isinstance(chunk, bytes) else chunk
-            taken = self._fill_head(chunk) if self._head else 0
-            source = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value or 0
-            while taken < len(chunk):
-                n = min(len(chunk) - taken, BUFFER - self._held)
-                ctypes.memmove(self._addr + self._held, source + taken, n)
-                self._held += n
-                taken += n
-                if self._held == BUFFER:
-                    self._write_blocks()
-        self._write_blocks()
+    def _new_buffer(self) -> _Buffer:
+        if len(self._buffers) < BUFFERS:
+            buf = _buffer()
+            self._buffers.append(buf)
+            return buf
+        buf = self._free.get()  # the oldest written one: all BUFFERS are used in turn
+        if buf is None:
+            self._free.put(None)  # for whoever asks next
+            raise OSError(errno.EIO, "an earlier write of this upload failed")
+        return buf
 
-    def _fill_head(self, chunk: bytes) -> int:
-        """Write (buffered) what the file's last partial block still lacks, from the start of
-        `chunk`; direct I/O starts once the end is aligned. Returns the bytes taken."""
+    # -- the staging thread -------------------------------------------------------------------
+
+    def stage(self, chunk: bytes) -> None:
+        chunk = bytes(chunk) if not isinstance(chunk, bytes) else chunk
         taken = 0
-        while self._head and taken < len(chunk):
-            written = os.write(self._fd, chunk[taken:taken + self._head])
-            taken += written
-            self._head -= written
-        if not self._head and not self._refused:
-            _set_direct(self._fd, True)
-        return taken
+        if self._head:
+            head = chunk[:self._head]
+            self._hand_out(head, len(head))
+            self._head -= len(head)
+            taken = len(head)
+        source = _address(chunk)
+        while taken < len(chunk):
+            n = min(len(chunk) - taken, BUFFER - self._held)
+            ctypes.memmove(self._buf.addr + self._held, source + taken, n)
+            self._held += n
+            taken += n
+            if self._held == BUFFER:
+                self._hand_out(Blocks(self._buf, self._handed, BUFFER, True), BUFFER - self._handed)
+                self._buf, self._held, self._handed = self._new_buffer(), 0, 0
 
-    def _write_out(self, end: int) -> None:
-        """Write the held bytes before `end`. Progress is kept per call, so after a failed write
-        flush() neither repeats nor skips a byte."""
-        with memoryview(self._buf) as view:
-            while self._written < end:
-                try:
-                    self._written += os.write(self._fd, view[self._written:end])
-                except OSError as e:
-                    # O_DIRECT accepted, but this device's blocks are larger than ALIGN: go on
-                    # through the page cache (nothing was written by the refused call).
-                    if e.errno != errno.EINVAL or self._refused:
-                        raise
-                    self._refused = True
-                    _set_direct(self._fd, False)
-
-    def _write_blocks(self) -> None:
+    def take(self) -> list[Staged]:
+        """What is ready to write: everything staged but the last partial block."""
         whole = self._held - self._held % ALIGN
-        if whole <= self._written:
-            return
-        self._write_out(whole)
-        rest = self._held - whole
-        if rest:
-            ctypes.memmove(self._addr, self._addr + whole, rest)
-        self._held, self._written = rest, 0
+        if whole > self._handed:
+            self._hand_out(Blocks(self._buf, self._handed, whole, False), whole - self._handed)
+            self._handed = whole
+        ready, self._ready = self._ready, []
+        return ready
+
+    def _hand_out(self, item: Staged, nbytes: int) -> None:
+        self._ready.append(item)
+        self._handed_total += nbytes
+
+    # -- the writing thread -------------------------------------------------------------------
+
+    def write(self, staged: Sequence[Staged]) -> None:
+        """Write what take() returned, consecutive blocks with one call: when the device lags
+        and the pipeline hands over several batches at once, it gets larger requests. After a
+        failed write nothing more is written: the file keeps a gapless prefix of the stream, and
+        a resumed upload continues from its size."""
+        start = 0
+        while start < len(staged) and not self._failed:
+            end = start + 1
+            if isinstance(staged[start], Blocks):
+                while end < len(staged) and isinstance(staged[end], Blocks):
+                    end += 1
+            run = staged[start:end]
+            try:
+                if isinstance(run[0], Blocks):
+                    self._write_out([b.buffer.view(b.start, b.end) for b in run], direct=not self._refused)
+                else:
+                    self._write_out([memoryview(run[0])], direct=False)
+            except BaseException:
+                self._failed = True
+                self._free.put(None)  # wakes stage() if it waits for a buffer
+                raise
+            for item in run:
+                if isinstance(item, Blocks) and item.last:
+                    self._free.put(item.buffer)
+            start = end
+
+    def _write_out(self, views: list[memoryview], direct: bool) -> None:
+        if direct != self._direct:
+            _set_direct(self._fd, direct)
+            self._direct = direct
+        views = [v for v in views if len(v)]
+        while views:
+            try:
+                n = os.writev(self._fd, views[:IOV_MAX])
+            except OSError as e:
+                # O_DIRECT accepted, but this device's blocks are larger than ALIGN: go on
+                # through the page cache (nothing was written by the refused call).
+                if e.errno != errno.EINVAL or not self._direct:
+                    raise
+                self._refused = True
+                _set_direct(self._fd, False)
+                self._direct = False
+                continue
+            self._written_total += n
+            while views and n >= len(views[0]):  # a short write goes on where it stopped
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+
+    # -- the end --------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write the partial block still held (through the page cache), switch the descriptor
-        back to buffered I/O and free the buffer. The appender is done after this."""
-        if self._buf.closed:
+        """Once every write has returned: write the partial block still held (through the page
+        cache), switch the descriptor back to buffered I/O and give the buffers back."""
+        if not self._buffers:
             return
         try:
-            _set_direct(self._fd, False)
-            self._write_out(self._held)
+            complete = not self._failed and not self._ready and \
+                self._written_total == self._handed_total
+            self._write_out([self._buf.view(self._handed, self._held if complete else self._handed)],
+                            direct=False)
         finally:
-            del self._anchor
-            self._buf.close()
+            self._failed = True  # nothing more after this
+            buffers, self._buffers = self._buffers, []
+            _give_back(buffers)

@@ -17,7 +17,7 @@ import stat as stat_mod
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 from ..uncancellable import to_the_end
 from .base import FileInfo, FileWriter, PathNotFound, StorageDriver, WriterBusy
@@ -80,6 +80,7 @@ def _remove_tree(path: str) -> None:
 
 class FilesystemWriter(FileWriter):
     def __init__(self, driver: "FilesystemDriver", full: str, fd: int) -> None:
+        super().__init__()
         self._driver, self._full, self._fd = driver, full, fd
         self.size = os.fstat(fd).st_size
         self._unflushed = self.size  # where writeback has not been started yet
@@ -117,7 +118,7 @@ class FilesystemWriter(FileWriter):
         self._end_direct()
         self._write(chunks)  # small: cheaper than a thread handoff
 
-    def write_from_thread(self, chunks: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> None:
+    def stage(self, chunk: bytes) -> None:
         if not self._direct_tried:
             self._direct_tried = True
             try:
@@ -125,10 +126,19 @@ class FilesystemWriter(FileWriter):
             except OSError:  # no direct I/O here (some FUSE and network filesystems)
                 pass
         if self._direct is None:
-            self._write(chunks)
+            super().stage(chunk)
             return
-        self._direct.append(chunks)
-        self.size += sum(map(len, chunks))
+        self._direct.stage(chunk)
+        self.size += len(chunk)
+
+    def take_staged(self) -> Sequence[Any]:
+        return super().take_staged() if self._direct is None else self._direct.take()
+
+    def write_from_thread(self, staged: Sequence[Any], loop: asyncio.AbstractEventLoop) -> None:
+        if self._direct is None:
+            self._write(staged)
+        else:
+            self._direct.write(staged)
 
     def _end_direct(self) -> None:
         if self._direct is not None:
