@@ -1,5 +1,7 @@
 """Blob uploads: monolithic, POST+PUT, chunked, streamed, status, cancel, mount, digest checks."""
 
+import asyncio
+import logging
 import os
 
 import pytest
@@ -290,3 +292,34 @@ async def test_content_encoding_is_not_decoded(client):
     assert r.status == 201
     r = await client.get(f"/v2/enc/blobs/{d}")
     assert r.status == 200 and await r.read() == data
+
+
+async def test_a_patch_cut_off_midway_is_one_log_line(client, caplog):
+    """A client that drops a PATCH midway is routine for resumable uploads: the bytes that
+    arrived are kept, and the log says so in one INFO line, not an ERROR with a traceback."""
+    caplog.set_level(logging.INFO)
+    location = (await start(client)).headers["Location"]
+    data = os.urandom(3 << 20)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                 f"Content-Length: {2 * len(data)}\r\n\r\n".encode() + data)
+    await writer.drain()
+    for _ in range(200):  # until most of it is written (the last batch waits for more)
+        r = await client.get(location)
+        if int(r.headers["Range"].split("-")[1]) >= 2 << 20:
+            break
+        await asyncio.sleep(0.05)
+    writer.transport.abort()
+    for _ in range(200):  # until the server has settled the request
+        if any("client disconnected" in rec.getMessage() for rec in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    r = await client.get(location)
+    assert r.status == 204 and r.headers["Range"] == f"0-{len(data) - 1}"
+    errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert not errors, [rec.getMessage() for rec in errors]
+    assert [rec.levelno for rec in caplog.records if "client disconnected during PATCH" in rec.getMessage()] \
+        == [logging.INFO]
+    r = await client.put(f"{location}&digest={digest_of(data)}" if "?" in location
+                         else f"{location}?digest={digest_of(data)}")
+    assert r.status == 201

@@ -11,6 +11,7 @@ from aiohttp import web
 from ..errors import ManifestTooBig, ReadOnly, RegistryError, Unauthorized, UploadRangeInvalid
 
 log = logging.getLogger("regserve.api")
+CLIENT_CLOSED_REQUEST = 499  # nginx's and distribution's status for a request its client abandoned
 
 STATUS = {
     "BLOB_UNKNOWN": 404, "BLOB_UPLOAD_INVALID": 400, "BLOB_UPLOAD_UNKNOWN": 404,
@@ -63,7 +64,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except (ConnectionError, OSError) as err:
         if request.transport is None or request.transport.is_closing():
-            raise  # the client went away; nothing to answer
+            # The client went away (a cut-off PATCH keeps what arrived: it can resume). No one
+            # reads the answer; 499, as distribution records it, goes to the access log.
+            log.info("client disconnected during %s %s: %s", request.method, request.path,
+                     err or type(err).__name__)
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
         log.exception("storage error on %s %s", request.method, request.path)
         return web.Response(status=500, body=error_body("UNKNOWN", "storage error", str(err)),
                             content_type="application/json")
