@@ -1,7 +1,10 @@
 """The upload stream (registry/uploads.py stream_into) on a real filesystem writer."""
 
 import asyncio
+import errno
+import hashlib
 import os
+import random
 import threading
 import time
 
@@ -9,6 +12,7 @@ import pytest
 
 from regserve import hashstate
 from regserve.registry import uploads
+from regserve.storage import directio
 from regserve.storage.filesystem import FilesystemDriver
 
 BATCH = uploads.BATCH_BYTES
@@ -71,9 +75,6 @@ async def test_stream_from_mid_block_in_odd_pieces_keeps_every_byte(tmp_path):
     """Through the real threads: an upload whose data so far ends mid-block, continued in pieces
     of every size around the block and buffer sizes. The file is exactly the bytes in order,
     and the hash is theirs."""
-    import hashlib
-    import random
-    from regserve.storage import directio
     driver = FilesystemDriver(str(tmp_path))
     first = os.urandom(5000)
     (tmp_path / "upload").mkdir()
@@ -100,8 +101,6 @@ async def test_stream_from_mid_block_in_odd_pieces_keeps_every_byte(tmp_path):
 async def test_a_write_failing_mid_stream_ends_it_with_that_error(tmp_path, monkeypatch):
     """The disk fills up while the hashing thread waits for a buffer to stage into: the stream
     ends with the disk's error, promptly, and the file keeps a gapless prefix."""
-    import errno
-    from regserve.storage import directio
     driver = FilesystemDriver(str(tmp_path))
     writer = await driver.writer("/upload/data")
     real_writev = os.writev

@@ -152,31 +152,34 @@ def test_a_failed_direct_write_leaves_a_gapless_prefix(tmp_path: Path, monkeypat
     assert path.read_bytes() == data[:directio.BUFFER + 3 * directio.ALIGN]
 
 
-def _staged_in_thread(appender: directio.DirectAppender, chunk: bytes) -> tuple[threading.Thread, list]:
+def _stager_waiting_for_a_buffer(path: Path):
+    """An appender with every buffer staged and taken, and a thread staging two more bytes,
+    which waits for one of them to be written. Returns the descriptor, the appender, what was
+    taken, the bytes staged first, the thread and the errors it raised."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    appender = directio.DirectAppender(fd, 0)
+    data = os.urandom(directio.BUFFERS * directio.BUFFER - 1)
+    appender.stage(data)  # all buffers in use, the last one short of full by a byte
+    ready = appender.take()
     errors: list[BaseException] = []
 
     def stage() -> None:
         try:
-            appender.stage(chunk)
+            appender.stage(b"xy")  # fills the last buffer, and wants another
         except BaseException as e:  # noqa: BLE001 - checked by the test
             errors.append(e)
     thread = threading.Thread(target=stage, daemon=True)
     thread.start()
-    return thread, errors
+    thread.join(0.3)
+    assert thread.is_alive()
+    return fd, appender, ready, data, thread, errors
 
 
 def test_staging_waits_for_a_written_buffer_when_all_are_taken(tmp_path: Path):
     """The copies staged ahead of the device are bounded: with every buffer waiting to be
     written, the staging thread waits until the writing thread gives one back."""
     path = tmp_path / "upload"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    appender = directio.DirectAppender(fd, 0)
-    data = os.urandom(directio.BUFFERS * directio.BUFFER - 1)
-    appender.stage(data)  # all buffers in use, the last one short of full by a byte
-    ready = appender.take()
-    thread, errors = _staged_in_thread(appender, b"xy")  # fills it, and wants another
-    thread.join(0.3)
-    assert thread.is_alive()
+    fd, appender, ready, data, thread, errors = _stager_waiting_for_a_buffer(path)
     appender.write(ready[:1])  # the first buffer is written and given back
     thread.join(10)
     assert not thread.is_alive() and errors == []
@@ -188,13 +191,7 @@ def test_staging_waits_for_a_written_buffer_when_all_are_taken(tmp_path: Path):
 
 def test_a_failed_write_wakes_a_waiting_staging_thread_with_an_error(tmp_path: Path, monkeypatch):
     path = tmp_path / "upload"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    appender = directio.DirectAppender(fd, 0)
-    appender.stage(os.urandom(directio.BUFFERS * directio.BUFFER - 1))
-    ready = appender.take()
-    thread, errors = _staged_in_thread(appender, b"xy")
-    thread.join(0.3)
-    assert thread.is_alive()
+    fd, appender, ready, _, thread, errors = _stager_waiting_for_a_buffer(path)
 
     def full(wfd: int, buffers) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -67,7 +67,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             # The client went away (a cut-off PATCH keeps what arrived: it can resume). No one
             # reads the answer; 499, as distribution records it, goes to the access log.
             log.info("client disconnected during %s %s: %s", request.method, request.path,
-                     err or type(err).__name__)
+                     str(err) or type(err).__name__)
             return web.Response(status=CLIENT_CLOSED_REQUEST)
         log.exception("storage error on %s %s", request.method, request.path)
         return web.Response(status=500, body=error_body("UNKNOWN", "storage error", str(err)),

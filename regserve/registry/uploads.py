@@ -144,16 +144,15 @@ class _Pipeline:
         self._to_write.put(None)
 
     def _write(self) -> None:
-        ended = False
-        while not ended and (item := self._to_write.get()) is not None:
+        while (item := self._to_write.get()) is not None:
             staged, nbytes = list(item[0]), item[1]
             while nbytes < WRITE_GATHER_BYTES:  # what else is ready goes in the same write
                 try:
                     more = self._to_write.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    ended = True
+                if more is None:  # the end, nothing after it: the outer loop meets it next
+                    self._to_write.put(None)
                     break
                 staged += more[0]
                 nbytes += more[1]

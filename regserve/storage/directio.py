@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import itertools
 import mmap
 import os
 import queue
@@ -206,26 +207,23 @@ class DirectAppender:
         and the pipeline hands over several batches at once, it gets larger requests. After a
         failed write nothing more is written: the file keeps a gapless prefix of the stream, and
         a resumed upload continues from its size."""
-        start = 0
-        while start < len(staged) and not self._failed:
-            end = start + 1
-            if isinstance(staged[start], Blocks):
-                while end < len(staged) and isinstance(staged[end], Blocks):
-                    end += 1
-            run = staged[start:end]
+        for direct, run in itertools.groupby(staged, lambda item: isinstance(item, Blocks)):
+            if self._failed:
+                return
+            items = list(run)
             try:
-                if isinstance(run[0], Blocks):
-                    self._write_out([b.buffer.view(b.start, b.end) for b in run], direct=not self._refused)
+                if direct:
+                    self._write_out([b.buffer.view(b.start, b.end) for b in items],
+                                    direct=not self._refused)
                 else:
-                    self._write_out([memoryview(run[0])], direct=False)
+                    self._write_out([memoryview(data) for data in items], direct=False)
             except BaseException:
                 self._failed = True
                 self._free.put(None)  # wakes stage() if it waits for a buffer
                 raise
-            for item in run:
+            for item in items:
                 if isinstance(item, Blocks) and item.last:
                     self._free.put(item.buffer)
-            start = end
 
     def _write_out(self, views: list[memoryview], direct: bool) -> None:
         if direct != self._direct:
