@@ -108,10 +108,11 @@ class Hasher:
             self._py.update(data)
         elif isinstance(data, bytes):
             self._update(self._ctx, data, n)
-        else:
-            buf = (ctypes.c_char * n).from_buffer(data if isinstance(data, bytearray)
-                                                  else bytearray(data))
-            self._update(self._ctx, buf, n)
+        else:  # ctypes takes the address of a writable buffer only: copy a read-only one
+            view = memoryview(data)
+            if view.readonly:
+                view = memoryview(bytearray(view))
+            self._update(self._ctx, (ctypes.c_char * n).from_buffer(view), n)
 
     def hexdigest(self) -> str:
         if self._py is not None:

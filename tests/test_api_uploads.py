@@ -122,6 +122,29 @@ async def test_streamed_patch_without_content_range(client):
     assert r.status == 201
 
 
+@pytest.mark.parametrize("takes_pieces", [True, False], ids=["pieces", "readany"])
+async def test_large_streamed_patch_through_the_pipeline(client, monkeypatch, takes_pieces):
+    """Frames of odd sizes, enough of them for the hashing and writing threads: the pieces are
+    taken from aiohttp's buffer as they are, or (with an aiohttp lacking that buffer) joined by
+    readany(). Either way the blob is every byte, and the digest checks."""
+    from regserve.api import common
+    monkeypatch.setattr(common, "_TAKES_PIECES", takes_pieces)
+    data = os.urandom(6 << 20)
+    loc = (await start(client)).headers["Location"]
+
+    async def gen():
+        for i in range(0, len(data), 32771):
+            yield data[i:i + 32771]
+
+    r = await client.patch(loc, data=gen())
+    assert r.status == 202
+    assert r.headers["Range"] == f"0-{len(data) - 1}"
+    r = await client.put(f"{r.headers['Location']}?digest={digest_of(data)}")
+    assert r.status == 201
+    r = await client.get(f"/v2/foo/bar/blobs/{digest_of(data)}")
+    assert await r.read() == data
+
+
 async def test_put_with_sha512_digest_after_chunks(client):
     loc = (await start(client)).headers["Location"]
     await client.patch(loc, data=BLOB)

@@ -42,7 +42,7 @@ async def test_stream_outlives_repeated_cancellation_until_its_threads_are_done(
 
     async def body():
         for start in range(0, len(data), BATCH):
-            yield data[start:start + BATCH]
+            yield [data[start:start + BATCH]]
         all_sent.set()
         await asyncio.Event().wait()  # the client stalls
 
@@ -86,9 +86,9 @@ async def test_stream_from_mid_block_in_odd_pieces_keeps_every_byte(tmp_path):
     hasher = hashstate.Hasher("sha256")
     hasher.update(first)
 
-    async def body():
-        for piece in pieces:
-            yield piece
+    async def body():  # a few pieces at a time, as aiohttp buffers them
+        for start in range(0, len(pieces), 3):
+            yield pieces[start:start + 3]
 
     await uploads.stream_into(writer, [hasher], body())
     await writer.close()
@@ -99,7 +99,7 @@ async def test_stream_from_mid_block_in_odd_pieces_keeps_every_byte(tmp_path):
 
 
 async def test_a_write_failing_mid_stream_ends_it_with_that_error(tmp_path, monkeypatch):
-    """The disk fills up while the hashing thread waits for a buffer to stage into: the stream
+    """The disk fills up while the event loop waits for the writes to catch up: the stream
     ends with the disk's error, promptly, and the file keeps a gapless prefix."""
     driver = FilesystemDriver(str(tmp_path))
     writer = await driver.writer("/upload/data")
@@ -110,14 +110,14 @@ async def test_a_write_failing_mid_stream_ends_it_with_that_error(tmp_path, monk
         calls["n"] += 1
         if calls["n"] > 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        time.sleep(0.1)  # meanwhile every buffer fills, and the hashing thread waits for one
+        time.sleep(0.1)  # meanwhile the bytes in flight reach their bound, and the loop waits
         return real_writev(fd, buffers)
     monkeypatch.setattr(directio.os, "writev", slow_then_full)
     data = os.urandom(64 << 20)
 
     async def body():
         for start in range(0, len(data), BATCH):
-            yield data[start:start + BATCH]
+            yield [data[start:start + BATCH]]
 
     with pytest.raises(OSError) as failure:
         await asyncio.wait_for(uploads.stream_into(writer, [hashstate.Hasher("sha256")], body()), 30)
@@ -127,3 +127,35 @@ async def test_a_write_failing_mid_stream_ends_it_with_that_error(tmp_path, monk
     on_disk = (tmp_path / "upload/data").read_bytes()
     assert 0 < len(on_disk) < len(data)
     assert on_disk == data[:len(on_disk)]
+
+
+async def test_a_slow_disk_holds_the_stream_to_its_buffers(tmp_path, monkeypatch):
+    """The event loop stages as data arrives, and never waits for a buffer: the pipeline keeps
+    few enough bytes unwritten that a written buffer is always there when one is needed. With a
+    disk far slower than the body, a 96 MiB stream uses exactly BUFFERS buffers, in turn."""
+    driver = FilesystemDriver(str(tmp_path))
+    writer = await driver.writer("/upload/data")
+    real_writev, real_buffer = os.writev, directio._buffer
+    taken = []
+
+    def slow_writev(fd: int, buffers) -> int:
+        time.sleep(0.01)
+        return real_writev(fd, buffers)
+
+    def counted_buffer():
+        taken.append(1)
+        return real_buffer()
+    monkeypatch.setattr(directio.os, "writev", slow_writev)
+    monkeypatch.setattr(directio, "_buffer", counted_buffer)
+    data = os.urandom(96 << 20)
+
+    async def body():
+        for start in range(0, len(data), 32 << 10):  # docker's frames, several at a time
+            yield [data[start + i:start + i + (8 << 10)] for i in range(0, 32 << 10, 8 << 10)]
+
+    hasher = hashstate.Hasher("sha256")
+    await uploads.stream_into(writer, [hasher], body())
+    await writer.close()
+    assert len(taken) == directio.BUFFERS
+    assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "upload/data").read_bytes() == data

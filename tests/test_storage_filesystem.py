@@ -8,7 +8,6 @@ import fcntl
 import hashlib
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,15 @@ from regserve.storage.filesystem import CACHE_BEHIND, WRITEBACK_STEP, Filesystem
 from .conftest import require_tool
 
 
-def _pipeline_write(writer, batch: list[bytes], loop: asyncio.AbstractEventLoop) -> None:
-    """As the upload pipeline's threads do it: stage each chunk, take at the batch's end, write."""
-    for chunk in batch:
-        writer.stage(chunk)
-    writer.write_from_thread(writer.take_staged(), loop)
+async def _pipeline_write(writer, batch: list[bytes]) -> None:
+    """As the upload pipeline does it: stage each piece on the event loop, take at the batch's
+    end, write in a thread. What was taken to hash is the batch, byte for byte."""
+    loop = asyncio.get_running_loop()
+    for piece in batch:
+        writer.stage(piece)
+    to_hash, staged = writer.take_staged()
+    assert b"".join(bytes(part) for part in to_hash) == b"".join(batch)
+    await loop.run_in_executor(None, writer.write_from_thread, staged, loop)
 
 
 def resident_bytes(fincore: str, path: Path) -> int:
@@ -45,7 +48,7 @@ async def test_a_large_stream_keeps_only_its_tail_in_the_page_cache(tmp_path: Pa
         for _ in range(per_writer):
             block = os.urandom(4 << 20)
             digest.update(block)
-            await loop.run_in_executor(None, _pipeline_write, writer, [block], loop)
+            await _pipeline_write(writer, [block])
         await writer.close()
     assert (tmp_path / "stream").stat().st_size == 384 << 20
     assert resident_bytes(fincore, tmp_path / "stream") <= CACHE_BEHIND + 2 * WRITEBACK_STEP
@@ -62,13 +65,12 @@ async def test_a_large_stream_keeps_only_its_tail_in_the_page_cache(tmp_path: Pa
 async def _write_stream(driver: FilesystemDriver, path: str, pieces: list[list[bytes]],
                         small_first: bytes = b"") -> None:
     """Each list of pieces is one writer (one PATCH), appended in the pipeline thread's way."""
-    loop = asyncio.get_running_loop()
     for index, batches in enumerate(pieces):
         writer = await driver.writer(path, append=True)
         if index == 0 and small_first:
             await writer.write([small_first])  # a small body, written inline
         for batch in batches:
-            await loop.run_in_executor(None, _pipeline_write, writer, [batch], loop)
+            await _pipeline_write(writer, [batch])
         await writer.close()
 
 
@@ -144,7 +146,7 @@ def test_a_failed_direct_write_leaves_a_gapless_prefix(tmp_path: Path, monkeypat
     appender.stage(data)
     monkeypatch.setattr(directio.os, "writev", failing_writev)
     with pytest.raises(OSError):
-        appender.write(appender.take())
+        appender.write(appender.take()[1])
     monkeypatch.setattr(directio.os, "writev", real_writev)
     appender.flush()
     os.close(fd)
@@ -152,57 +154,28 @@ def test_a_failed_direct_write_leaves_a_gapless_prefix(tmp_path: Path, monkeypat
     assert path.read_bytes() == data[:directio.BUFFER + 3 * directio.ALIGN]
 
 
-def _stager_waiting_for_a_buffer(path: Path):
-    """An appender with every buffer staged and taken, and a thread staging two more bytes,
-    which waits for one of them to be written. Returns the descriptor, the appender, what was
-    taken, the bytes staged first, the thread and the errors it raised."""
+def test_staging_never_waits_and_a_failed_write_stops_it(tmp_path: Path, monkeypatch):
+    """Staging runs on the event loop, so it never waits for the device: with every buffer
+    staged and none written yet, it makes another (the pipeline's bound on unwritten bytes
+    keeps this from happening in a stream). After a failed write, staging fails at once, and
+    nothing more reaches the file."""
+    path = tmp_path / "upload"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     appender = directio.DirectAppender(fd, 0)
-    data = os.urandom(directio.BUFFERS * directio.BUFFER - 1)
-    appender.stage(data)  # all buffers in use, the last one short of full by a byte
-    ready = appender.take()
-    errors: list[BaseException] = []
-
-    def stage() -> None:
-        try:
-            appender.stage(b"xy")  # fills the last buffer, and wants another
-        except BaseException as e:  # noqa: BLE001 - checked by the test
-            errors.append(e)
-    thread = threading.Thread(target=stage, daemon=True)
-    thread.start()
-    thread.join(0.3)
-    assert thread.is_alive()
-    return fd, appender, ready, data, thread, errors
-
-
-def test_staging_waits_for_a_written_buffer_when_all_are_taken(tmp_path: Path):
-    """The copies staged ahead of the device are bounded: with every buffer waiting to be
-    written, the staging thread waits until the writing thread gives one back."""
-    path = tmp_path / "upload"
-    fd, appender, ready, data, thread, errors = _stager_waiting_for_a_buffer(path)
-    appender.write(ready[:1])  # the first buffer is written and given back
-    thread.join(10)
-    assert not thread.is_alive() and errors == []
-    appender.write(ready[1:] + appender.take())
-    appender.flush()
-    os.close(fd)
-    assert path.read_bytes() == data + b"xy"
-
-
-def test_a_failed_write_wakes_a_waiting_staging_thread_with_an_error(tmp_path: Path, monkeypatch):
-    path = tmp_path / "upload"
-    fd, appender, ready, _, thread, errors = _stager_waiting_for_a_buffer(path)
+    data = os.urandom(directio.BUFFERS * directio.BUFFER + directio.ALIGN + 5)
+    appender.stage(data)
+    to_hash, ready = appender.take()
+    assert b"".join(bytes(part) for part in to_hash) == data
+    assert len({id(block.buffer) for block in ready}) == directio.BUFFERS + 1
 
     def full(wfd: int, buffers) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(directio.os, "writev", full)
     with pytest.raises(OSError):
         appender.write(ready)
-    thread.join(10)
-    assert not thread.is_alive()
-    assert [type(e) for e in errors] == [OSError]
-    with pytest.raises(OSError):  # and so is every later stage
+    with pytest.raises(OSError) as later:
         appender.stage(b"z")
+    assert later.value.errno == errno.EIO
     monkeypatch.undo()
     appender.flush()
     os.close(fd)

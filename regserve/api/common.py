@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import AsyncIterator
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from ..config import Config
 from ..errors import BlobUploadInvalid, PaginationInvalid
@@ -46,14 +46,35 @@ def blob_location(request: web.Request, name: str, d: Digest) -> str:
     return url_for(request, f"/v2/{name}/blobs/{d}")
 
 
-async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives; never buffered whole."""
+# aiohttp's readany() joins the pieces buffered when it is called (a frame each of a chunked
+# body, docker's are 32 KiB) into one new bytes object: a copy of most of a large upload, made on
+# the event loop. The upload pipeline copies the pieces anyway (into aligned buffers, for direct
+# I/O), so it takes them as they are, from the StreamReader's buffer, when this aiohttp has it.
+_TAKES_PIECES = all(hasattr(StreamReader, name) for name in ("_buffer", "_read_nowait_chunk"))
+
+
+async def body_pieces(request: web.Request) -> AsyncIterator[list[bytes]]:
+    """The request body as it arrives: the pieces received by each wake-up; never buffered
+    whole."""
     content = request.content
     while True:
-        chunk = await content.readany()
-        if not chunk:
+        data = await content.readany() if not _TAKES_PIECES else await _first_piece(content)
+        if not data:
             return
-        yield chunk
+        pieces = [data]
+        if _TAKES_PIECES:
+            buffered, take = content._buffer, content._read_nowait_chunk  # what readany() joins
+            while buffered:
+                pieces.append(take(-1))
+        yield pieces
+
+
+async def _first_piece(content: StreamReader) -> bytes:
+    """The first buffered piece, waiting for one; b"" at the end."""
+    while True:
+        data, end_of_chunk = await content.readchunk()
+        if data or not end_of_chunk:  # (b"", True) only marks a chunk boundary
+            return data
 
 
 def content_range(request: web.Request) -> ChunkRange | None:

@@ -8,7 +8,7 @@ from ..errors import DigestInvalid, NameInvalid, UploadRangeInvalid
 from ..reference import parse_digest
 from ..registry.uploads import UploadSession
 from .auth import may, requires
-from .common import blob_location, body_chunks, content_range, registry, repository, url_for
+from .common import blob_location, body_pieces, content_range, registry, repository, url_for
 
 CHUNK_MIN_LENGTH = 1 << 20  # a hint: smaller chunks are accepted, but cost a request each
 
@@ -47,7 +47,7 @@ async def start_upload(request: web.Request) -> web.Response:
         # Not mountable: fall back to a regular upload session, as the spec says.
     if "digest" in query:
         d = parse_digest(query["digest"])
-        info = await repo.uploads.put_whole(d, body_chunks(request), repo.blobs)
+        info = await repo.uploads.put_whole(d, body_pieces(request), repo.blobs)
         return _created(request, repo.name, str(info.digest))
     session = await repo.uploads.create()
     headers = _status_headers(request, session, 0)
@@ -65,7 +65,7 @@ async def patch_upload(request: web.Request) -> web.Response:
             and request.content_length != chunk.length:
         raise UploadRangeInvalid(await session.size(), {"Content-Range": request.headers["Content-Range"],
                                                         "Content-Length": request.content_length})
-    size = await session.append(body_chunks(request), chunk)
+    size = await session.append(body_pieces(request), chunk)
     return web.Response(status=202, headers=_status_headers(request, session, size))
 
 
@@ -78,7 +78,7 @@ async def finish_upload(request: web.Request) -> web.Response:
         raise DigestInvalid(None, "digest parameter missing")
     d = parse_digest(request.query["digest"])
     chunk = content_range(request)
-    body = body_chunks(request) if request.body_exists else None
+    body = body_pieces(request) if request.body_exists else None
     if chunk is not None and body is not None and request.content_length is not None \
             and request.content_length != chunk.length:
         raise UploadRangeInvalid(await session.size(), {"Content-Range": request.headers["Content-Range"],

@@ -17,7 +17,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from .. import hashstate
 from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, UploadRangeInvalid
@@ -29,8 +29,7 @@ from .blobs import BlobInfo, BlobStore, RepositoryBlobs
 
 UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 BATCH_BYTES = 512 << 10       # handed to the hash/write threads at a time
-HASH_AHEAD_BYTES = 8 << 20    # received, not hashed yet
-IN_FLIGHT_BYTES = 24 << 20    # received, not written yet: bounds memory, and the tail a PATCH waits for
+IN_FLIGHT_BYTES = 20 << 20    # received, not written yet: bounds memory, and the tail a PATCH waits for
 WRITE_GATHER_BYTES = 8 << 20  # at most this much of what is ready is written with one call
 CHECKPOINT_BYTES = 256 << 20     # hash state saved this often within one long request
 _hash_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hash")  # resume/fallback re-hash
@@ -52,32 +51,22 @@ def _hash_batch(hashers: list[hashstate.Hasher], batch: Sequence[bytes]) -> None
             h.update(chunk)
 
 
-def _hash_and_stage(hashers: list[hashstate.Hasher], writer: FileWriter, batch: Sequence[bytes]) -> Sequence[object]:
-    # Chunk by chunk: the writer's copy (for direct I/O) finds each one still in the CPU's cache.
-    for chunk in batch:
-        for h in hashers:
-            h.update(chunk)
-        writer.stage(chunk)
-    return writer.take_staged()
-
-
-async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body: AsyncIterator[bytes],
+async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher],
+                      body: AsyncIterator[Sequence[bytes]],
                       checkpoint: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Hash and write a body as it arrives. `checkpoint` (saving the hash state) runs every
-    CHECKPOINT_BYTES and at the end, also when the client goes away mid-body: every byte that
-    arrived is kept."""
+    """Hash and write a body (pieces, as they arrive). `checkpoint` (saving the hash state) runs
+    every CHECKPOINT_BYTES and at the end, also when the client goes away mid-body: every byte
+    that arrived is kept."""
     pipe: _Pipeline | None = None  # threads start once the body outgrows one batch
     batch: list[bytes] = []
     batched = 0
     since_checkpoint = 0
     checkpointed = False  # and nothing arrived since: the state on disk is already the last one
     try:
-        async for data in body:
-            if not data:
-                continue
-            batch.append(data)
-            batched += len(data)
-            checkpointed = False
+        async for pieces in body:
+            batch += pieces
+            batched += sum(map(len, pieces))
+            checkpointed = checkpointed and not batched
             if batched >= BATCH_BYTES:
                 if pipe is None:
                     pipe = _Pipeline(writer, hashers)
@@ -110,37 +99,37 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher], body:
 
 class _Pipeline:
     """Hashing and writing of one stream in two threads, overlapping each other and the event
-    loop's reading of the next batch. The hashing thread hashes each batch and stages it for
-    writing (the writer's copy into aligned buffers happens there, while the data is in cache);
-    the writing thread writes what was staged. Batches pass through queues; the loop is woken
-    only when it must wait, or at the end. It waits when more than HASH_AHEAD_BYTES are not
-    hashed yet, or more than IN_FLIGHT_BYTES not written yet (bounding memory whatever the blob
-    size; the slack absorbs the device's slow moments), until half of that is done."""
+    loop's reading of the next batch. The loop stages each batch with the writer (copying it
+    into aligned buffers, for direct I/O), the hashing thread hashes what was staged, the
+    writing thread writes it. Batches pass through queues; the loop is woken only when it must
+    wait, or at the end. It waits before staging a batch that would leave more than
+    IN_FLIGHT_BYTES not written yet (bounding memory whatever the blob size; the slack absorbs
+    the device's slow moments), until half of that is written."""
 
     def __init__(self, writer: FileWriter, hashers: list[hashstate.Hasher]) -> None:
         self.loop = asyncio.get_running_loop()
         self.writer, self.hashers = writer, hashers
-        self.submitted = self.hashed = self.written = 0  # bytes (hashed/written: or skipped after an error)
+        self.submitted = self.written = 0  # bytes (written: or skipped after an error)
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._waiter: asyncio.Future[None] | None = None
-        self._wake_share = 0.0  # the waiter is woken when this share of the limits is left
-        self._to_hash: queue.SimpleQueue[tuple[Sequence[bytes], int] | None] = queue.SimpleQueue()
-        self._to_write: queue.SimpleQueue[tuple[Sequence[object], int] | None] = queue.SimpleQueue()
+        self._wake_below = 0  # the waiter is woken when fewer bytes than this are unwritten
+        self._to_hash: queue.SimpleQueue[tuple[Sequence[Any], Sequence[Any], int] | None] = queue.SimpleQueue()
+        self._to_write: queue.SimpleQueue[tuple[Sequence[Any], int] | None] = queue.SimpleQueue()
         threading.Thread(target=self._hash, daemon=True, name="upload-hash").start()
         threading.Thread(target=self._write, daemon=True, name="upload-write").start()
 
     def _hash(self) -> None:
         while (item := self._to_hash.get()) is not None:
-            parts, nbytes = item
-            staged: Sequence[object] = ()
+            data, staged, nbytes = item
             if self.error is None:  # after an error, batches are only counted off
                 try:
-                    staged = _hash_and_stage(self.hashers, self.writer, parts)
+                    for h in self.hashers:
+                        for part in data:
+                            h.update(part)
                 except BaseException as e:  # noqa: BLE001 - handed to the request
                     self._fail(e)
             self._to_write.put((staged, nbytes))
-            self._count(nbytes, 0)
         self._to_write.put(None)
 
     def _write(self) -> None:
@@ -161,45 +150,46 @@ class _Pipeline:
                     self.writer.write_from_thread(staged, self.loop)
                 except BaseException as e:  # noqa: BLE001 - handed to the request
                     self._fail(e)
-            self._count(0, nbytes)
+            self._count_written(nbytes)
 
     def _fail(self, error: BaseException) -> None:
         with self._lock:
             if self.error is None:  # the first one is the cause
                 self.error = error
 
-    def _behind(self, share: float) -> bool:
-        return (self.submitted - self.hashed > HASH_AHEAD_BYTES * share
-                or self.submitted - self.written > IN_FLIGHT_BYTES * share)
-
-    def _count(self, hashed: int, written: int) -> None:
+    def _count_written(self, nbytes: int) -> None:
         with self._lock:
-            self.hashed += hashed
-            self.written += written
+            self.written += nbytes
             waiter = self._waiter
-            if waiter is not None and not self._behind(self._wake_share):
+            if waiter is not None and self.submitted - self.written < self._wake_below:
                 self._waiter = None
                 self.loop.call_soon_threadsafe(_wake, waiter)
 
-    async def submit(self, parts: list[bytes], nbytes: int) -> None:
+    async def submit(self, pieces: list[bytes], nbytes: int) -> None:
+        """Stage a batch and hand it to the threads; first wait, if it would leave more than
+        IN_FLIGHT_BYTES unwritten, until half of that is written."""
+        self._raise_error()
+        if self.submitted - self.written + nbytes > IN_FLIGHT_BYTES:
+            await self._wait_below(IN_FLIGHT_BYTES // 2 + 1)
+            self._raise_error()
+        for piece in pieces:
+            self.writer.stage(piece)
+        data, staged = self.writer.take_staged()
         with self._lock:
             self.submitted += nbytes
-        self._to_hash.put((parts, nbytes))
-        if self._behind(1.0):
-            await self._wait_until(0.5)
-        self._raise_error()
+        self._to_hash.put((data, staged, nbytes))
 
     async def drain(self) -> None:
         """Wait until every batch submitted is done (or skipped after an error), then raise
         that error."""
-        await self._wait_until(0.0)
+        await self._wait_below(1)
         self._raise_error()
 
-    async def _wait_until(self, share: float) -> None:
+    async def _wait_below(self, unwritten: int) -> None:
         with self._lock:
-            if not self._behind(share):
+            if self.submitted - self.written < unwritten:
                 return
-            self._wake_share = share
+            self._wake_below = unwritten
             self._waiter = waiter = self.loop.create_future()
         await waiter
 

@@ -35,10 +35,10 @@ class FileWriter(abc.ABC):
     `commit(dest)` makes it durable under its final name; `cancel()` removes it.
 
     Writes are sequential: one at a time, each appended after the last. Bulk data comes from the
-    upload pipeline: its hashing thread `stage()`s each chunk and `take_staged()`s at the end of
-    each batch, its writing thread passes that to `write_from_thread()`. `write()` is for a body
-    small enough that a thread handoff would cost more than the write. `size` counts the bytes
-    written (or staged) so far."""
+    upload pipeline: on the event loop it `stage()`s each piece of a body and `take_staged()`s at
+    the end of each batch; its hashing thread hashes what was taken, its writing thread passes
+    it to `write_from_thread()`. `write()` is for a body small enough that a thread handoff
+    would cost more than the write. `size` counts the bytes written (or staged) so far."""
 
     size: int
 
@@ -48,16 +48,19 @@ class FileWriter(abc.ABC):
     @abc.abstractmethod
     async def write(self, chunks: Sequence[bytes]) -> None: ...
 
-    def stage(self, chunk: bytes) -> None:
-        """Take `chunk` for writing. Called in the pipeline's hashing thread right after the
-        chunk was hashed, while it is still in the CPU's cache: a writer that copies data before
-        writing it (into aligned buffers for direct I/O) copies here. This default keeps it."""
-        self._staged.append(chunk)
+    def stage(self, piece: bytes) -> None:
+        """Take `piece` for writing, on the event loop: must not block. A writer that copies
+        data before writing it (into aligned buffers for direct I/O) copies here. The caller
+        keeps at most the pipeline's IN_FLIGHT_BYTES staged and not yet written. This default
+        keeps the piece."""
+        self._staged.append(piece)
 
-    def take_staged(self) -> Sequence[Any]:
-        """What was staged since the last call, ready for `write_from_thread()`."""
+    def take_staged(self) -> tuple[Sequence[bytes | memoryview], Sequence[Any]]:
+        """What was staged since the last call: its bytes, to hash (the writer's copies, where
+        it made them: what is written is what was hashed), and what is ready for
+        `write_from_thread()`."""
         staged, self._staged = self._staged, []
-        return staged
+        return staged, staged
 
     def write_from_thread(self, staged: Sequence[Any], loop: asyncio.AbstractEventLoop) -> None:
         """Write what `take_staged()` returned, in the pipeline's writing thread. Drivers whose

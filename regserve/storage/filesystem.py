@@ -118,7 +118,7 @@ class FilesystemWriter(FileWriter):
         self._end_direct()
         self._write(chunks)  # small: cheaper than a thread handoff
 
-    def stage(self, chunk: bytes) -> None:
+    def stage(self, piece: bytes) -> None:
         if not self._direct_tried:
             self._direct_tried = True
             try:
@@ -126,12 +126,12 @@ class FilesystemWriter(FileWriter):
             except OSError:  # no direct I/O here (some FUSE and network filesystems)
                 pass
         if self._direct is None:
-            super().stage(chunk)
+            super().stage(piece)
             return
-        self._direct.stage(chunk)
-        self.size += len(chunk)
+        self._direct.stage(piece)
+        self.size += len(piece)
 
-    def take_staged(self) -> Sequence[Any]:
+    def take_staged(self) -> tuple[Sequence[bytes | memoryview], Sequence[Any]]:
         return super().take_staged() if self._direct is None else self._direct.take()
 
     def write_from_thread(self, staged: Sequence[Any], loop: asyncio.AbstractEventLoop) -> None:
