@@ -16,10 +16,11 @@ disk. Its writing thread writes them out in whole blocks (write). A partial bloc
 data, or for flush(), which writes it through the page cache. An append that starts mid-block
 first fills that block the same way.
 
-Where the copy is made matters on two cores: the hashing thread is a push's slowest stage. When
-it made the copy itself (with ctypes.memmove, which releases the GIL), 1 GiB pushes were 8%
-slower than with a slice assignment, which keeps it: each release cost the thread a wait to get
-the GIL back from the event loop. Without any copy in it, 7% faster again.
+The hashing thread is a push's slowest stage, so the copy is kept out of it, and made with a
+slice assignment, which keeps the GIL: when that thread made it with ctypes.memmove, releasing
+the GIL, each release cost it a wait to get the GIL back from the event loop (1 GiB pushes: 0-8%
+slower than the same copy keeping the GIL). Made here, on the loop, pushes were as fast and took
+7% less server CPU, and no received bytes wait in memory besides these buffers.
 """
 
 from __future__ import annotations
