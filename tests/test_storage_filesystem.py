@@ -7,6 +7,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -226,3 +227,18 @@ def test_filesystem_type_agrees_with_findmnt(tmp_path: Path):
     findmnt = require_tool("findmnt", "the filesystem type of a path, from util-linux")
     out = subprocess.check_output([findmnt, "-n", "-o", "FSTYPE", "--target", str(tmp_path)], text=True)
     assert directio.filesystem_type(str(tmp_path)) == out.strip()
+
+
+def test_staging_buffers_may_be_huge_pages():
+    """The aligned buffers are private mappings advised for transparent huge pages, which the
+    kernel honours where THP is enabled always or on request (madvise)."""
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not setting.exists() or "[never]" in setting.read_text():
+        pytest.skip("this kernel gives no transparent huge pages")
+    buf = directio._Buffer()
+    try:
+        mapping = Path("/proc/self/smaps").read_text().split(f"\n{buf.addr:x}-", 1)[1]
+        eligible = re.search(r"^THPeligible:\s*(\d)", mapping, re.MULTILINE)  # its own, the first
+        assert eligible is not None and eligible.group(1) == "1"
+    finally:
+        buf.close()

