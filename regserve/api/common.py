@@ -57,15 +57,14 @@ async def body_pieces(request: web.Request) -> AsyncIterator[list[bytes]]:
     """The request body as it arrives: the pieces received by each wake-up; never buffered
     whole."""
     content = request.content
-    while True:
-        data = await content.readany() if not _TAKES_PIECES else await _first_piece(content)
-        if not data:
-            return
-        pieces = [data]
-        if _TAKES_PIECES:
-            buffered, take = content._buffer, content._read_nowait_chunk  # what readany() joins
-            while buffered:
-                pieces.append(take(-1))
+    if not _TAKES_PIECES:
+        while data := await content.readany():
+            yield [data]
+        return
+    while first := await _first_piece(content):
+        pieces = [first]
+        while content._buffer:  # what readany() would join
+            pieces.append(content._read_nowait_chunk(-1))
         yield pieces
 
 

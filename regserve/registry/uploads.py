@@ -45,7 +45,7 @@ class ChunkRange:
         return self.end - self.start + 1
 
 
-def _hash_batch(hashers: list[hashstate.Hasher], batch: Sequence[bytes]) -> None:
+def _hash_batch(hashers: list[hashstate.Hasher], batch: Sequence[bytes | memoryview]) -> None:
     for h in hashers:
         for chunk in batch:
             h.update(chunk)
@@ -124,9 +124,7 @@ class _Pipeline:
             data, staged, nbytes = item
             if self.error is None:  # after an error, batches are only counted off
                 try:
-                    for h in self.hashers:
-                        for part in data:
-                            h.update(part)
+                    _hash_batch(self.hashers, data)
                 except BaseException as e:  # noqa: BLE001 - handed to the request
                     self._fail(e)
             self._to_write.put((staged, nbytes))

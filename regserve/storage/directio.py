@@ -186,28 +186,30 @@ class DirectAppender:
     def stage(self, piece: bytes) -> None:
         if self._failed:
             raise OSError(errno.EIO, "an earlier write of this upload failed")
-        held = self._held
-        if not self._head and type(piece) is bytes and held + len(piece) < BUFFER:
-            self._buf.map[held:held + len(piece)] = piece  # nearly every piece: it fits
-            self._held = held + len(piece)
-            return
-        source = memoryview(piece).cast("B")
-        taken = 0
+        if type(piece) is not bytes:
+            piece = memoryview(piece).cast("B")  # counted in bytes, whatever the item size
         if self._head:
-            head = bytes(source[:self._head])  # a copy: the caller may reuse its buffer
-            self._hand_out(head, len(head))
-            self._fresh.append(head)
-            self._head -= len(head)
-            taken = len(head)
-        while taken < len(source):
-            n = min(len(source) - taken, BUFFER - self._held)
-            self._buf.map[self._held:self._held + n] = source[taken:taken + n]
-            self._held += n
-            taken += n
-            if self._held == BUFFER:
-                self._fresh.append(self._buf.view(self._taken, BUFFER))
-                self._hand_out(Blocks(self._buf, self._handed, BUFFER, True), BUFFER - self._handed)
-                self._buf, self._held, self._handed, self._taken = self._new_buffer(), 0, 0, 0
+            piece = self._stage_head(piece)
+        while len(piece) >= BUFFER - self._held:  # it fills the current buffer
+            room = BUFFER - self._held
+            piece = memoryview(piece)  # slices without copying
+            self._buf.map[self._held:] = piece[:room]
+            self._fresh.append(self._buf.view(self._taken, BUFFER))
+            self._hand_out(Blocks(self._buf, self._handed, BUFFER, True), BUFFER - self._handed)
+            self._buf, self._held, self._handed, self._taken = self._new_buffer(), 0, 0, 0
+            piece = piece[room:]
+        self._buf.map[self._held:self._held + len(piece)] = piece  # nearly every piece: just this
+        self._held += len(piece)
+
+    def _stage_head(self, piece: bytes | memoryview) -> memoryview:
+        """Hand out (to write buffered) what the file's last partial block still lacks, from
+        the start of `piece`; returns the rest."""
+        piece = memoryview(piece)
+        head = bytes(piece[:self._head])  # a copy: the caller may reuse its buffer
+        self._hand_out(head, len(head))
+        self._fresh.append(head)
+        self._head -= len(head)
+        return piece[len(head):]
 
     def take(self) -> tuple[list[Union[bytes, memoryview]], list[Staged]]:
         """What was staged since the last take, as views of the copies (to hash: the bytes that
