@@ -1,7 +1,9 @@
 """The load generator. It speaks only the registry HTTP API and is built not to be the bottleneck:
 
 * bulk bytes go through blocking sockets in threads: uploads with os.sendfile from the blob file
-  (zero-copy, the client spends no CPU on payload), downloads with recv_into one reused buffer;
+  (zero-copy, the client spends no CPU on payload), or, framed in docker's 32 KiB chunks (too
+  small for a sendfile each), with sendmsg straight from a mapping of the file (the kernel's copy
+  into the socket is the only one); downloads with recv_into one reused buffer;
 * request-rate scenarios use a lean HTTP/1.1 client on uvloop streams (keep-alive, one request
   in flight per connection), far cheaper per request than a general-purpose client.
 
@@ -11,6 +13,7 @@ Both are checked against benchmarks/nullserver.py (`python -m benchmarks --calib
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import socket
 import time
@@ -20,7 +23,7 @@ from urllib.parse import urlparse
 RECV_BUF = 4 << 20
 FRAME = 32 << 10  # chunked-encoding frame of a streamed PATCH: docker's (Go's io.Copy buffer)
 SENDFILE_FRAME_MIN = 1 << 20  # frames at least this large go out by sendfile, one each
-SEND_BLOCK = 4 << 20  # smaller frames: this much read and sent per sendmsg
+SEND_FRAMES = 128  # smaller frames: this many sent per sendmsg (3 iovecs each, IOV_MAX 1024)
 
 
 @dataclass
@@ -56,7 +59,6 @@ class BlockingConnection:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pending = b""
         self.buf = memoryview(bytearray(RECV_BUF))
-        self.send_buf = memoryview(bytearray(SEND_BLOCK))
 
     def close(self) -> None:
         self.sock.close()
@@ -69,9 +71,10 @@ class BlockingConnection:
     def request(self, method: str, path: str, headers: dict[str, str] | None = None,
                 body: bytes | None = None, file: tuple[int, int, int] | None = None,
                 chunked: bool = False, discard: bool = False, send_only: int | None = None,
-                frame: int = 0) -> Response:
+                frame: int = 0, mapped: memoryview | None = None) -> Response:
         """`file` = (fd, offset, length) is sent with sendfile, as chunked frames of `frame` bytes
-        (default FRAME) if `chunked`.
+        (default FRAME) if `chunked`; frames smaller than SENDFILE_FRAME_MIN are sent from
+        `mapped`, the file's map_file().
         `send_only` sends that many body bytes and returns without reading a response."""
         headers = dict(headers or {})
         frame = frame or FRAME
@@ -90,7 +93,9 @@ class BlockingConnection:
             if send_only is not None:
                 length = send_only
             if chunked and frame < SENDFILE_FRAME_MIN:
-                self._send_small_frames(fd, offset, offset + length, frame)
+                if mapped is None:
+                    raise ValueError("frames this small are sent from the file's mapping")
+                self._send_small_frames(mapped[offset:offset + length], frame)
             else:
                 self._sendfile_frames(fd, offset, offset + length, frame if chunked else 0)
             if send_only is not None:
@@ -111,20 +116,18 @@ class BlockingConnection:
             if frame:
                 self.sock.sendall(b"\r\n")
 
-    def _send_small_frames(self, fd: int, offset: int, end: int, frame: int) -> None:
-        """Chunked frames too small for a sendfile each (docker's 32 KiB): read a few MiB of the
-        file, then send their framed chunks with one sendmsg."""
-        block = self.send_buf[:min(SEND_BLOCK, frame * 300)]  # 3 iovecs a frame, IOV_MAX 1024
-        while offset < end:
-            n = os.preadv(fd, [block[:min(len(block), end - offset)]], offset)
+    def _send_small_frames(self, body: memoryview, frame: int) -> None:
+        """Chunked frames too small for a sendfile each (docker's 32 KiB), SEND_FRAMES of them
+        per sendmsg, from the file's mapping."""
+        step = frame * SEND_FRAMES
+        for block in range(0, len(body), step):
             parts: list = []
-            for start in range(0, n, frame):
-                size = min(frame, n - start)
-                parts += [b"%x\r\n" % size, block[start:start + size], b"\r\n"]
+            for start in range(block, min(block + step, len(body)), frame):
+                piece = body[start:start + frame]
+                parts += [b"%x\r\n" % len(piece), piece, b"\r\n"]
             sent = self.sock.sendmsg(parts)
             if sent < sum(map(len, parts)):  # interrupted: finish the slow way
                 self.sock.sendall(b"".join(bytes(p) for p in parts)[sent:])
-            offset += n
 
     def _response(self, method: str, discard: bool) -> Response:
         data = self.pending
@@ -152,6 +155,17 @@ class BlockingConnection:
                 raise HTTPError("connection closed")
             got += n
         return Response(status, headers, b"", got)
+
+
+def map_file(path: str | os.PathLike) -> memoryview:
+    """The whole file, mapped read-only with its pages populated now, so that sending from it
+    later neither copies nor faults. It shares the page cache's pages: no memory of its own."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return memoryview(mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                    prot=mmap.PROT_READ))
+    finally:
+        os.close(fd)  # the mapping keeps the file
 
 
 class AsyncConnection:
