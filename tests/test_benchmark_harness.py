@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks import scenarios as sc
-from benchmarks.run import parse_size, summarise, table
+from benchmarks.run import check_free_space, parse_size, space_needed, summarise, table
 from benchmarks.servers import Regserve
 
 
@@ -48,3 +50,20 @@ def test_a_server_that_never_started_stops_cleanly(tmp_path: Path):
     """When the first server fails to start, the harness stops the others, never started."""
     srv = Regserve(tmp_path / "rs", workers=1)
     srv.stop()
+
+
+def test_free_space_is_checked_before_anything_is_generated(tmp_path: Path):
+    """Blob files not there yet, plus a copy of each per server store, less what the stores
+    (emptied at start) hold now, plus 2 GiB."""
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "mid.bin").write_bytes(b"x" * 1000)  # there already
+    (tmp_path / "blobs" / "large-5000.bin").write_bytes(b"x" * 10)  # wrong size: made again
+    (tmp_path / "regserve" / "data" / "d").mkdir(parents=True)
+    (tmp_path / "regserve" / "data" / "d" / "old").write_bytes(b"x" * 700)
+    files = {"large-5000.bin": 5000, "mid.bin": 1000}
+    assert space_needed(tmp_path, files, ["regserve", "distribution"]) == 5000 + 2 * 6000 - 700 + (2 << 30)
+    assert space_needed(tmp_path, files, []) == 5000 + (2 << 30)
+    check_free_space(tmp_path, files, ["regserve"])  # a few KiB: fits
+    with pytest.raises(SystemExit, match="needs about"):
+        check_free_space(tmp_path, {"large-1.bin": 1 << 60}, ["regserve"])
+    assert not (tmp_path / "blobs" / "large-1.bin").exists()
