@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CHECKOUT = Path(__file__).resolve().parent.parent  # the harness's own; servers run from it
 
 
 def free_port() -> int:
@@ -58,9 +59,8 @@ class Server:
             shutil.rmtree(self.data)
         self.data.mkdir(parents=True)
         self.log = open(self.workdir / "server.log", "wb")
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=self.workdir, env=env)
+                                     cwd=self.workdir, env=self.environment())
         deadline = time.time() + 30
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -71,6 +71,10 @@ class Server:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"{self.name} did not start")
+
+    def environment(self) -> dict[str, str]:
+        """PYTHONPATH is set (not inherited), so that what runs is known: this checkout."""
+        return dict(os.environ, PYTHONPATH=str(CHECKOUT))
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -146,9 +150,15 @@ http: {{addr: 127.0.0.1:{self.port}, secret: bench}}
 class Regserve(Server):
     name = "regserve"
 
-    def __init__(self, workdir: Path, workers: int) -> None:
+    def __init__(self, workdir: Path, workers: int, source: Path | None = None) -> None:
+        """`source`: a checkout whose regserve package runs instead of this one's, to measure
+        another commit with this harness."""
         super().__init__(workdir)
         self.workers = workers
+        self.source = (source or CHECKOUT).resolve()
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ, PYTHONPATH=str(self.source))
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "regserve", "serve", str(self.write_config()), "--workers",

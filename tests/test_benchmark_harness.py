@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks import scenarios as sc
-from benchmarks.run import check_free_space, parse_size, space_needed, summarise, table
-from benchmarks.servers import Regserve
+import subprocess
+
+from benchmarks.run import check_free_space, main, parse_size, revision, space_needed, summarise, table
+from benchmarks.servers import CHECKOUT, Regserve
 
 
 def test_scenarios_run_against_regserve(tmp_path: Path):
@@ -67,3 +69,40 @@ def test_free_space_is_checked_before_anything_is_generated(tmp_path: Path):
     with pytest.raises(SystemExit, match="needs about"):
         check_free_space(tmp_path, {"large-1.bin": 1 << 60}, ["regserve"])
     assert not (tmp_path / "blobs" / "large-1.bin").exists()
+
+
+def test_regserve_runs_from_the_checkout_given(tmp_path: Path):
+    """--source: the server imports regserve from that checkout, not from the harness's."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "regserve").symlink_to(CHECKOUT / "regserve")
+    srv = Regserve(tmp_path / "rs", workers=1, source=other)
+    srv.workdir.mkdir(parents=True)
+    srv.start()
+    try:
+        with open(f"/proc/{srv.proc.pid}/environ", "rb") as f:
+            env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        assert env[b"PYTHONPATH"] == str(other).encode()
+    finally:
+        srv.stop()
+    assert Regserve(tmp_path / "x", workers=1).environment()["PYTHONPATH"] == str(CHECKOUT)
+    with pytest.raises(SystemExit, match="not a regserve checkout"):
+        main(["--source", str(tmp_path / "rs"), "--workdir", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()  # refused before anything was made
+
+
+def test_results_name_the_commit_measured(tmp_path: Path):
+    def git(*a: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a],
+                       check=True, capture_output=True)
+
+    assert revision(tmp_path) == "an unknown commit"
+    git("init", "-q")
+    (tmp_path / "f").write_text("a")
+    git("add", "f")
+    git("commit", "-q", "-m", "x")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    assert revision(tmp_path) == head
+    (tmp_path / "f").write_text("b")
+    assert revision(tmp_path) == head + "+changes"
