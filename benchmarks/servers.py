@@ -42,6 +42,7 @@ def _tree(pid: int) -> list[int]:
 
 class Server:
     name = "server"
+    source = CHECKOUT  # where a Python server imports its package from
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -73,8 +74,8 @@ class Server:
         raise RuntimeError(f"{self.name} did not start")
 
     def environment(self) -> dict[str, str]:
-        """PYTHONPATH is set (not inherited), so that what runs is known: this checkout."""
-        return dict(os.environ, PYTHONPATH=str(CHECKOUT))
+        """PYTHONPATH is set (not inherited), so that what runs is known."""
+        return dict(os.environ, PYTHONPATH=str(self.source))
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -156,9 +157,6 @@ class Regserve(Server):
         super().__init__(workdir)
         self.workers = workers
         self.source = (source or CHECKOUT).resolve()
-
-    def environment(self) -> dict[str, str]:
-        return dict(os.environ, PYTHONPATH=str(self.source))
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "regserve", "serve", str(self.write_config()), "--workers",
