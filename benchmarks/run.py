@@ -115,26 +115,26 @@ def loopback_rates(path: Path, rounds: int = 5) -> dict:
     return rates
 
 
-def space_needed(work: Path, files: dict[str, int], stores: list[str]) -> int:
-    """Bytes of free disk a run needs: the blob `files` (name: size) not generated yet, and a
-    copy of each in every server's store (kept there for the pulls), less what those stores hold
-    now (a server's start empties its store); plus 2 GiB for the disk probe and small blobs."""
+def space_needed(blob_dir: Path, files: dict[str, int], stores: list[Path]) -> int:
+    """Bytes of free disk a run needs: the blob `files` (name: size) not in `blob_dir` yet, and a
+    copy of each in every server's store (kept there for the pulls), less what those `stores`
+    hold now (a server's start empties its store); plus 2 GiB for the disk probe and small blobs."""
     def held(path: Path) -> int:
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
     missing = sum(size for name, size in files.items()
-                  if not (work / "blobs" / name).is_file() or (work / "blobs" / name).stat().st_size != size)
-    stored = len(stores) * sum(files.values()) - sum(held(work / name / "data") for name in stores)
+                  if not (blob_dir / name).is_file() or (blob_dir / name).stat().st_size != size)
+    stored = len(stores) * sum(files.values()) - sum(map(held, stores))
     return max(0, missing + stored) + (2 << 30)
 
 
-def check_free_space(work: Path, files: dict[str, int], stores: list[str]) -> None:
+def check_free_space(blob_dir: Path, files: dict[str, int], stores: list[Path]) -> None:
     """Stop before generating anything if the disk cannot hold the run: a full disk would kill
     it midway, and trouble everything else on that disk."""
-    need, free = space_needed(work, files, stores), shutil.disk_usage(work).free
+    need, free = space_needed(blob_dir, files, stores), shutil.disk_usage(blob_dir.parent).free
     if need > free:
         sys.exit(f"benchmarks: this run needs about {need / (1 << 30):.1f} GiB free on the disk of "
-                 f"{work}, which has {free / (1 << 30):.1f} GiB; choose smaller --sizes or another --workdir")
+                 f"{blob_dir}, which has {free / (1 << 30):.1f} GiB; choose smaller --sizes or another --workdir")
 
 
 def machine(workdir: Path, probe_file: Path) -> dict:
@@ -366,19 +366,20 @@ def main(argv: list[str] | None = None) -> int:
 
     h = Harness(args)
     sizes = [parse_size(x) for x in args.sizes.split(",")]
-    files = {**{f"large-{s}.bin": s for s in sizes}, "mid.bin": parse_size(args.mid_size)}
-    check_free_space(h.work, files, [] if args.calibrate else ["regserve", "distribution"])
-    blobs: dict = {s: BlobFile.create(h.work / "blobs" / f"large-{s}.bin", s) for s in sizes}
-    blobs["mid"] = BlobFile.create(h.work / "blobs" / "mid.bin", files["mid.bin"])
-    info = machine(h.work, blobs["mid"].path)
-    print(json.dumps({"machine": info}), flush=True)
-
+    blob_dir = h.work / "blobs"
+    wanted = {**{s: (f"large-{s}.bin", s) for s in sizes}, "mid": ("mid.bin", parse_size(args.mid_size))}
     if args.calibrate:
-        null = NullServer(h.work / "null", blobs[sizes[0]].path)
-        servers: list[Server] = [null]
+        servers: list[Server] = [NullServer(h.work / "null", blob_dir / wanted[sizes[0]][0])]
+        stores = []  # it keeps nothing
     else:
         servers = [Regserve(h.work / "regserve", args.workers, args.source),
                    Distribution(h.work / "distribution")]
+        stores = [s.data for s in servers]
+    check_free_space(blob_dir, dict(wanted.values()), stores)
+    blobs: dict = {key: BlobFile.create(blob_dir / name, size) for key, (name, size) in wanted.items()}
+    info = machine(h.work, blobs["mid"].path)
+    print(json.dumps({"machine": info}), flush=True)
+
     for s in servers:
         (s.workdir).mkdir(parents=True, exist_ok=True)
     try:

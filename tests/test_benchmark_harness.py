@@ -63,11 +63,13 @@ def test_free_space_is_checked_before_anything_is_generated(tmp_path: Path):
     (tmp_path / "regserve" / "data" / "d").mkdir(parents=True)
     (tmp_path / "regserve" / "data" / "d" / "old").write_bytes(b"x" * 700)
     files = {"large-5000.bin": 5000, "mid.bin": 1000}
-    assert space_needed(tmp_path, files, ["regserve", "distribution"]) == 5000 + 2 * 6000 - 700 + (2 << 30)
-    assert space_needed(tmp_path, files, []) == 5000 + (2 << 30)
-    check_free_space(tmp_path, files, ["regserve"])  # a few KiB: fits
+    blob_dir = tmp_path / "blobs"
+    stores = [tmp_path / "regserve" / "data", tmp_path / "distribution" / "data"]
+    assert space_needed(blob_dir, files, stores) == 5000 + 2 * 6000 - 700 + (2 << 30)
+    assert space_needed(blob_dir, files, []) == 5000 + (2 << 30)
+    check_free_space(blob_dir, files, stores[:1])  # a few KiB: fits
     with pytest.raises(SystemExit, match="needs about"):
-        check_free_space(tmp_path, {"large-1.bin": 1 << 60}, ["regserve"])
+        check_free_space(blob_dir, {"large-1.bin": 1 << 60}, stores[:1])
     assert not (tmp_path / "blobs" / "large-1.bin").exists()
 
 
