@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import (AsyncConnection, BlockingConnection, HTTPError, hammer, location_path, map_file,
-                     with_query)
+from .client import AsyncConnection, BlockingConnection, HTTPError, hammer, location_path, map_file, with_query
 from .servers import Server
 
 MIB = 1 << 20

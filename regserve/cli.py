@@ -64,7 +64,8 @@ def garbage_collect_command(args: argparse.Namespace) -> int:
     import asyncio
 
     from .api.app import make_registry
-    from .registry.gc import collect
+    from .registry.gc import GarbageCollectionAborted, collect
+    from .registry.registry import RegistryBusy
     try:
         config = config_mod.load(args.config)
     except config_mod.ConfigError as e:
@@ -78,7 +79,15 @@ def garbage_collect_command(args: argparse.Namespace) -> int:
         finally:
             await registry.driver.close()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except (GarbageCollectionAborted, RegistryBusy) as e:
+        print(f"regserve garbage-collect: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a delete failed: stop there, loudly
+        print(f"regserve garbage-collect: stopped by a storage error while deleting: {e}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,6 +16,12 @@ class RegistryError(Exception):
             self.message = message
 
 
+class DamagedContent(Exception):
+    """Stored data that cannot be what was written (a link that names no digest, a stored
+    manifest that does not parse). Never taken for "not found": deletes and garbage collection
+    would act on that. The API answers 500 and logs it."""
+
+
 class BlobUnknown(RegistryError):
     code, message = "BLOB_UNKNOWN", "blob unknown to registry"
 

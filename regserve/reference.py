@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from .errors import DigestInvalid, NameInvalid, TagInvalid, Unsupported
 
-_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"  # of a repository name
+NAME_RE = re.compile(rf"{COMPONENT}(?:/{COMPONENT})*")
 TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
 NAME_MAX = 255

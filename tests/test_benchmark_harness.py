@@ -1,12 +1,11 @@
 """The benchmark harness itself works (small sizes, regserve only): behaviour, not timings."""
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from benchmarks import scenarios as sc
-import subprocess
-
 from benchmarks.run import check_free_space, main, parse_size, revision, space_needed, summarise, table
 from benchmarks.servers import CHECKOUT, Regserve
 

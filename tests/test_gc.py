@@ -1,5 +1,7 @@
-"""garbage-collect: what it keeps, what it deletes, and agreement with distribution's."""
+"""garbage-collect: what it keeps, what it deletes, agreement with distribution's, and that it
+fails closed: beside a registry serving writes, and on any error while marking."""
 
+import errno
 import json
 import os
 import re
@@ -8,11 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from regserve.registry import Registry
-from regserve.registry.gc import collect
+from regserve.registry.gc import GarbageCollectionAborted, collect
+from regserve.registry.registry import RegistryBusy
 from regserve.storage.filesystem import FilesystemDriver
 
 from .conftest import OCI_INDEX, OCI_MANIFEST, digest_of, image_manifest, require_tool
+from .faults import FaultyDriver
 
 BLOBS = {k: os.urandom(3000) + k.encode() for k in ("c1", "l1", "l2", "c2", "l3", "orphan", "c3", "l4", "art")}
 
@@ -47,8 +53,27 @@ async def populate(client) -> dict:
     return {"tagged": tagged, "untagged": untagged, "child": child, "index": index, "referrer": referrer}
 
 
-async def test_gc_deletes_only_unreferenced_blobs(client, data_dir):
-    m = await populate(client)
+def tree(data_dir: Path) -> dict[str, bytes]:
+    """Every file of the data directory but the driver's own, with its bytes."""
+    return {str(p.relative_to(data_dir)): p.read_bytes() for p in sorted(data_dir.rglob("*"))
+            if p.is_file() and ".regserve" not in p.parts and p.parts[-2:] != ("regserve", "serving")}
+
+
+@pytest.fixture
+async def populated(aiohttp_client, app_factory):
+    """A registry populated by a client, then stopped (garbage-collect runs offline), and a way to
+    start it again to check what is served."""
+    client = await aiohttp_client(app_factory())
+    manifests = await populate(client)
+    await client.close()
+
+    async def restart():
+        return await aiohttp_client(app_factory())
+    return manifests, restart
+
+
+async def test_gc_deletes_only_unreferenced_blobs(populated, data_dir):
+    m, restart = populated
     registry = Registry(FilesystemDriver(str(data_dir)))
     lines: list[str] = []
     report = await collect(registry, dry_run=True, log=lines.append)
@@ -57,6 +82,7 @@ async def test_gc_deletes_only_unreferenced_blobs(client, data_dir):
     assert any("eligible for deletion" in line for line in lines)
 
     report = await collect(registry, log=lines.append)
+    client = await restart()
     assert [str(d) for d in report.blobs_deleted] == [digest_of(BLOBS["orphan"])]
     assert not blob_exists(data_dir, digest_of(BLOBS["orphan"])) and report.links_deleted == 1
     assert (await client.head(f"/v2/a/blobs/{digest_of(BLOBS['orphan'])}")).status == 404
@@ -66,9 +92,10 @@ async def test_gc_deletes_only_unreferenced_blobs(client, data_dir):
         assert (await client.get(f"/v2/a/blobs/{digest_of(BLOBS[b])}")).status == 200
 
 
-async def test_gc_delete_untagged_keeps_index_children_and_referrers(client, data_dir):
-    m = await populate(client)
+async def test_gc_delete_untagged_keeps_index_children_and_referrers(populated, data_dir):
+    m, restart = populated
     report = await collect(Registry(FilesystemDriver(str(data_dir))), delete_untagged=True, log=lambda s: None)
+    client = await restart()
     assert [(n, str(d)) for n, d in report.manifests_deleted] == [("a", digest_of(m["untagged"]))]
     gone = {str(d) for d in report.blobs_deleted}
     assert gone == {digest_of(BLOBS["orphan"]), digest_of(BLOBS["c2"]), digest_of(BLOBS["l3"]), digest_of(m["untagged"])}
@@ -81,8 +108,7 @@ async def test_gc_delete_untagged_keeps_index_children_and_referrers(client, dat
     assert [x["digest"] for x in (await r.json())["manifests"]] == [digest_of(m["referrer"])]
 
 
-async def test_cli_dry_run_and_agreement_with_distribution(client, data_dir, tmp_path):
-    await populate(client)
+async def test_cli_dry_run_and_agreement_with_distribution(populated, data_dir, tmp_path):
     cfg = tmp_path / "config.yml"
     cfg.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {data_dir}\n")
     ours = subprocess.run([sys.executable, "-m", "regserve", "garbage-collect", str(cfg), "--dry-run"],
@@ -96,3 +122,105 @@ async def test_cli_dry_run_and_agreement_with_distribution(client, data_dir, tmp
                             text=True, timeout=60)
     assert theirs.returncode == 0, theirs.stderr
     assert set(re.findall(r"blob eligible for deletion: (\S+)", theirs.stdout + theirs.stderr)) == eligible
+
+
+async def test_gc_refuses_to_sweep_beside_a_registry_serving_writes(aiohttp_client, app_factory, data_dir):
+    client = await aiohttp_client(app_factory())
+    await populate(client)
+    before = tree(data_dir)
+    registry = Registry(FilesystemDriver(str(data_dir)))
+    with pytest.raises(RegistryBusy, match="serving writes"):
+        await collect(registry, log=lambda s: None)
+    assert tree(data_dir) == before
+    report = await collect(registry, dry_run=True, log=lambda s: None)  # a dry run deletes nothing
+    assert [str(d) for d in report.blobs_deleted] == [digest_of(BLOBS["orphan"])]
+    await client.close()
+    reader = await aiohttp_client(app_factory(REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED="true"))
+    report = await collect(registry, log=lambda s: None)  # beside a read-only one: allowed
+    assert [str(d) for d in report.blobs_deleted] == [digest_of(BLOBS["orphan"])]
+    assert (await reader.get(f"/v2/a/blobs/{digest_of(BLOBS['l1'])}")).status == 200
+
+
+async def test_cli_refuses_beside_a_live_server_and_says_why(server_factory, data_dir, tmp_path):
+    srv = server_factory(data=data_dir)
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {data_dir}\n")
+    gc = subprocess.run([sys.executable, "-m", "regserve", "garbage-collect", str(cfg)],
+                        capture_output=True, text=True, timeout=60)
+    assert gc.returncode == 1
+    assert "a registry is serving writes on this storage" in gc.stderr and "Traceback" not in gc.stderr
+    srv.stop()
+    gc = subprocess.run([sys.executable, "-m", "regserve", "garbage-collect", str(cfg)],
+                        capture_output=True, text=True, timeout=60)
+    assert gc.returncode == 0, gc.stderr
+
+
+@pytest.mark.parametrize("error", [errno.EIO, errno.ENOENT], ids=["EIO", "ENOENT"])
+@pytest.mark.parametrize("op,path", [
+    ("get_content", "/_manifests/tags/v1/current/link"),   # a tag's link
+    ("get_content", "/blobs/sha256/"),                     # a manifest's bytes
+    ("list", "/_manifests/tags"),                          # a repository's tags
+    ("list", "/_manifests/revisions/sha256"),              # a repository's manifests
+    ("list", "/repositories"),                             # the repositories
+])
+async def test_gc_aborts_on_any_error_while_marking(populated, data_dir, error, op, path):
+    """One failed read while marking must not make a tagged manifest (and its blobs) garbage:
+    the run stops, and nothing at all is deleted."""
+    before = tree(data_dir)
+    driver = FaultyDriver(FilesystemDriver(str(data_dir)))
+    driver.inject(op, error, path)
+    with pytest.raises(GarbageCollectionAborted, match="nothing was deleted"):
+        await collect(Registry(driver), delete_untagged=True, log=lambda s: None)
+    assert any(p for o, p in driver.calls if o == op and path in p)  # the fault was met
+    assert tree(data_dir) == before
+
+
+async def test_gc_aborts_on_a_damaged_link_or_manifest(populated, data_dir):
+    before_link = data_dir / "docker/registry/v2/repositories/a/_manifests/tags/v1/current/link"
+    original = before_link.read_bytes()
+    before_link.write_bytes(b"not a digest")
+    before = tree(data_dir)
+    with pytest.raises(GarbageCollectionAborted, match="holds no digest"):
+        await collect(Registry(FilesystemDriver(str(data_dir))), delete_untagged=True, log=lambda s: None)
+    assert tree(data_dir) == before
+    before_link.write_bytes(original)
+    m, _ = populated
+    h = digest_of(m["untagged"]).split(":")[1]
+    stored = data_dir / f"docker/registry/v2/blobs/sha256/{h[:2]}/{h}/data"
+    stored.chmod(0o644)
+    stored.write_bytes(b"{not json")
+    before = tree(data_dir)
+    with pytest.raises(GarbageCollectionAborted, match="not valid JSON"):
+        await collect(Registry(FilesystemDriver(str(data_dir))), log=lambda s: None)
+    assert tree(data_dir) == before
+
+
+async def test_gc_stops_at_a_failed_delete(populated, data_dir):
+    driver = FaultyDriver(FilesystemDriver(str(data_dir)))
+    driver.inject("delete", errno.EIO, "/blobs/")
+    with pytest.raises(OSError):
+        await collect(Registry(driver), log=lambda s: None)
+    assert len([c for c in driver.calls if c[0] == "delete"]) == 1  # nothing after the failure
+
+
+async def test_names_that_look_like_temporaries_are_content(aiohttp_client, app_factory, data_dir):
+    """`.tmp-` is legal in repository names and tags: such content is listed, served, and kept
+    by garbage-collect like any other."""
+    client = await aiohttp_client(app_factory())
+    config, layer = b"{}", os.urandom(2000)
+    for blob in (config, layer):
+        r = await client.post(f"/v2/team/app.tmp-1/blobs/uploads/?digest={digest_of(blob)}", data=blob)
+        assert r.status == 201
+    manifest = image_manifest(digest_of(config), len(config), [(digest_of(layer), len(layer))])
+    r = await client.put("/v2/team/app.tmp-1/manifests/v1.tmp-2", data=manifest,
+                         headers={"Content-Type": OCI_MANIFEST})
+    assert r.status == 201
+    assert "team/app.tmp-1" in (await (await client.get("/v2/_catalog")).json())["repositories"]
+    assert (await (await client.get("/v2/team/app.tmp-1/tags/list")).json())["tags"] == ["v1.tmp-2"]
+    await client.close()
+    report = await collect(Registry(FilesystemDriver(str(data_dir))), delete_untagged=True, log=lambda s: None)
+    assert not report.blobs_deleted and not report.manifests_deleted
+    client = await aiohttp_client(app_factory())
+    r = await client.get("/v2/team/app.tmp-1/manifests/v1.tmp-2")
+    assert r.status == 200 and await r.read() == manifest
+    assert await (await client.get(f"/v2/team/app.tmp-1/blobs/{digest_of(layer)}")).read() == layer

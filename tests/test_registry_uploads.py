@@ -24,7 +24,8 @@ async def test_stream_outlives_repeated_cancellation_until_its_threads_are_done(
     meanwhile (as aiohttp's shutdown may). Writes after the close would go to a closed (or
     reused) descriptor and a freed buffer."""
     driver = FilesystemDriver(str(tmp_path))
-    writer = await driver.writer("/upload/data")
+    (tmp_path / "upload").mkdir()
+    writer = await driver.append("/upload/data")
     real_write = writer.write_from_thread
     closing = False
     late_writes = []
@@ -82,7 +83,7 @@ async def test_stream_from_mid_block_in_odd_pieces_keeps_every_byte(tmp_path):
     rng = random.Random(5)
     sizes = [1, 4095, 4096, 4097, 65536 + 7, BATCH, directio.BUFFER - 1, directio.BUFFER + 3]
     pieces = [os.urandom(rng.choice(sizes)) for _ in range(40)]
-    writer = await driver.writer("/upload/data", append=True)
+    writer = await driver.append("/upload/data")
     hasher = hashstate.Hasher("sha256")
     hasher.update(first)
 
@@ -102,7 +103,8 @@ async def test_a_write_failing_mid_stream_ends_it_with_that_error(tmp_path, monk
     """The disk fills up while the event loop waits for the writes to catch up: the stream
     ends with the disk's error, promptly, and the file keeps a gapless prefix."""
     driver = FilesystemDriver(str(tmp_path))
-    writer = await driver.writer("/upload/data")
+    (tmp_path / "upload").mkdir()
+    writer = await driver.append("/upload/data")
     real_writev = os.writev
     calls = {"n": 0}
 
@@ -134,7 +136,8 @@ async def test_a_slow_disk_holds_the_stream_to_its_buffers(tmp_path, monkeypatch
     few enough bytes unwritten that a written buffer is always there when one is needed. With a
     disk far slower than the body, a 96 MiB stream uses exactly BUFFERS buffers, in turn."""
     driver = FilesystemDriver(str(tmp_path))
-    writer = await driver.writer("/upload/data")
+    (tmp_path / "upload").mkdir()
+    writer = await driver.append("/upload/data")
     real_writev, real_buffer = os.writev, directio._buffer
     taken = []
 

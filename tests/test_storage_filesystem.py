@@ -42,10 +42,9 @@ async def test_a_large_stream_keeps_only_its_tail_in_the_page_cache(tmp_path: Pa
     a filesystem without direct I/O."""
     fincore = require_tool("fincore", "page-cache residency of a written file")
     driver = FilesystemDriver(str(tmp_path), direct_io=False)
-    loop = asyncio.get_running_loop()
     digest = hashlib.sha256()
     for _ in range(96 // per_writer):
-        writer = await driver.writer("/stream", append=True)
+        writer = await driver.append("/stream")
         for _ in range(per_writer):
             block = os.urandom(4 << 20)
             digest.update(block)
@@ -53,8 +52,8 @@ async def test_a_large_stream_keeps_only_its_tail_in_the_page_cache(tmp_path: Pa
         await writer.close()
     assert (tmp_path / "stream").stat().st_size == 384 << 20
     assert resident_bytes(fincore, tmp_path / "stream") <= CACHE_BEHIND + 2 * WRITEBACK_STEP
-    writer = await driver.writer("/stream", append=True)
-    await writer.commit("/final")
+    writer = await driver.append("/stream")
+    await writer.commit("/final", writer.size)
     with open(tmp_path / "final", "rb") as f:  # dropped from the cache, not from the file
         check = hashlib.sha256()
         while chunk := f.read(8 << 20):
@@ -67,7 +66,7 @@ async def _write_stream(driver: FilesystemDriver, path: str, pieces: list[list[b
                         small_first: bytes = b"") -> None:
     """Each list of pieces is one writer (one PATCH), appended in the pipeline thread's way."""
     for index, batches in enumerate(pieces):
-        writer = await driver.writer(path, append=True)
+        writer = await driver.append(path)
         if index == 0 and small_first:
             await writer.write([small_first])  # a small body, written inline
         for batch in batches:
@@ -102,8 +101,8 @@ async def test_direct_stream_bypasses_the_page_cache(tmp_path: Path):
     await _write_stream(driver, "/stream", [blocks[:16], blocks[16:]])
     # At most the partial blocks written through the cache at each writer's end and start.
     assert resident_bytes(fincore, tmp_path / "stream") <= 4 * directio.ALIGN
-    writer = await driver.writer("/stream", append=True)
-    await writer.commit("/final")
+    writer = await driver.append("/stream")
+    await writer.commit("/final", writer.size)
     assert hashlib.sha256((tmp_path / "final").read_bytes()).digest() == \
         hashlib.sha256(b"".join(blocks)).digest()
     await driver.close()

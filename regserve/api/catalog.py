@@ -5,13 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from .auth import CATALOG_ACCESS
-from .common import CONFIG_KEY, paginate, registry
+from .common import CONFIG_KEY, page_headers, page_request, registry
 
 
 async def catalog(request: web.Request) -> web.Response:
-    names, headers = paginate(await registry(request).catalog(), request, "/v2/_catalog",
-                              request.app[CONFIG_KEY].catalog_max_entries)
-    return web.json_response({"repositories": names}, headers=headers)
+    n, last = page_request(request, request.app[CONFIG_KEY].catalog_max_entries)
+    names, more = await registry(request).catalog(n, last)
+    return web.json_response({"repositories": names}, headers=page_headers("/v2/_catalog", names, n, more))
 
 
 catalog.access = CATALOG_ACCESS  # type: ignore[attr-defined]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import re
 from typing import AsyncIterator
 
@@ -89,28 +90,34 @@ def content_range(request: web.Request) -> ChunkRange | None:
     return ChunkRange(start, end)
 
 
-def paginate(items: list[str], request: web.Request, path: str,
-             max_entries: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """`n`/`last` pagination with the RFC 5988 Link header, over a sorted list."""
-    last = request.query.get("last")
+_PAGE_SIZE_RE = re.compile(r"\d{1,18}")
+
+
+def page_request(request: web.Request, max_entries: int | None = None) -> tuple[int | None, str | None]:
+    """The `n` (None: all; capped at `max_entries` where the list has a page size) and `last`
+    of a paginated list request."""
     n_param = request.query.get("n")
-    if last:
-        items = [i for i in items if i > last]
-    headers: dict[str, str] = {}
     n: int | None = None
     if n_param is not None and n_param != "":
-        try:
-            n = int(n_param)
-        except ValueError:
-            raise PaginationInvalid({"n": n_param}) from None
-        if n < 0:
-            raise PaginationInvalid({"n": n_param})
-    if n is None and max_entries:
-        n = max_entries if len(items) > max_entries else None
-    if n is not None:
-        if len(items) > n and n > 0:
-            page = items[:n]
-            headers["Link"] = f'<{path}?n={n}&last={page[-1]}>; rel="next"'
-            return page, headers
-        return items[:n], headers
-    return items, headers
+        if not _PAGE_SIZE_RE.fullmatch(n_param):
+            raise PaginationInvalid({"n": n_param[:64]})
+        n = int(n_param)
+    if max_entries:
+        n = max_entries if n is None else min(n, max_entries)
+    return n, request.query.get("last") or None
+
+
+def page(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
+    """A page of a sorted list: up to `n` items after `last`, and whether more follow."""
+    if last is not None:
+        items = items[bisect.bisect_right(items, last):]
+    if n is None or len(items) <= n:
+        return items, False
+    return items[:n], True
+
+
+def page_headers(path: str, names: list[str], n: int | None, more: bool) -> dict[str, str]:
+    """The RFC 5988 Link to the next page, when there is one (never for n=0: the spec)."""
+    if not more or not n or not names:
+        return {}
+    return {"Link": f'<{path}?n={n}&last={names[-1]}>; rel="next"'}

@@ -5,14 +5,16 @@ from __future__ import annotations
 from aiohttp import web
 
 from .auth import requires
-from .common import paginate, repository
+from .common import page, page_headers, page_request, repository
 
 
 @requires("pull")
 async def list_tags(request: web.Request) -> web.Response:
     repo = repository(request)
-    tags, headers = paginate(await repo.tags.all(), request, f"/v2/{repo.name}/tags/list")
-    return web.json_response({"name": repo.name, "tags": tags}, headers=headers)
+    n, last = page_request(request)
+    tags, more = page(await repo.tags.all(), n, last)
+    return web.json_response({"name": repo.name, "tags": tags},
+                             headers=page_headers(f"/v2/{repo.name}/tags/list", tags, n, more))
 
 
 def setup_routes(app: web.Application) -> None:

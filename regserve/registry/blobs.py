@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -11,6 +11,8 @@ from ..errors import BlobUnknown
 from ..reference import Digest
 from ..storage import FileWriter, PathNotFound, StorageDriver
 from . import paths
+
+log = logging.getLogger("regserve.blobs")
 
 
 @dataclass(frozen=True)
@@ -77,33 +79,30 @@ class BlobStore:
 
     async def put_small(self, d: Digest, data: bytes) -> None:
         """Store a small blob (a manifest) whose digest the caller has computed."""
-        if not await self.exists(d):
-            await self.driver.put_content(paths.blob_data(d), data)
-            self._sizes.put(d, len(data))
-
-    def temp_path(self, d: Digest) -> str:
-        """A private name beside the blob's final one: the commit is a rename within one
-        directory, and nothing else (no session directory) has to be created or removed."""
-        return f"{paths.blob_dir(d)}/data.tmp-{uuid.uuid4().hex}"
-
-    async def discard_temp(self, temp: str, d: Digest) -> None:
-        """Remove a temporary object that was not published, and the blob's directory if the
-        claimed digest turned out wrong and left it empty."""
+        writer = await self.driver.create()
         try:
-            await self.driver.delete(temp)
-        except PathNotFound:
-            return
-        if not await self.exists(d):
-            await self.driver.prune(paths.blob_dir(d))
+            await writer.write([data])
+            await self.publish(writer, d, len(data))
+        finally:
+            await writer.cancel()  # nothing to do once published
 
-    async def publish(self, writer: FileWriter, d: Digest) -> bool:
-        """Make a verified upload the blob `d`: fsync and rename into place in one step. When
-        the blob is already there nothing is written (the caller discards its copy). Racing
-        commits of one digest all hold identical bytes and the rename is atomic, so any winner
-        is right. Returns whether this writer's object was published."""
-        if await self.exists(d):
-            return False
-        await writer.commit(paths.blob_data(d))
+    async def publish(self, writer: FileWriter, d: Digest, size: int) -> bool:
+        """Make a verified upload the blob `d`: the writer's own object, exactly `size` bytes
+        (the length that was hashed), fsynced and renamed into place in one step, read-only.
+        When the blob is already there with that size nothing is written (the caller discards
+        its copy). Racing commits of one digest all hold identical bytes and the rename is
+        atomic, so any winner is right. A blob of another size than its digest's content is
+        damaged (its bytes cannot hash to its name): the verified upload replaces it. Returns
+        whether this writer's object was published."""
+        try:
+            existing = await self.stat(d, fresh=True)
+        except BlobUnknown:
+            existing = None
+        if existing is not None:
+            if existing.size == size:
+                return False
+            log.warning("blob %s holds %d bytes, a verified upload %d: replacing it", d, existing.size, size)
+        await writer.commit(paths.blob_data(d), size, readonly=True)
         self.forget(d)
         return True
 

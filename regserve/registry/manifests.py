@@ -7,7 +7,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DigestInvalid, ManifestBlobUnknown, ManifestInvalid, ManifestTooBig, ManifestUnknown, NameUnknown
+from ..errors import (
+    BlobUnknown,
+    DamagedContent,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestTooBig,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+)
 from ..reference import TAG_RE, Digest, check_tag, is_digest, parse_digest
 from ..storage import PathNotFound, StorageDriver
 from . import paths
@@ -68,7 +78,7 @@ def _descriptor(value: Any, where: str) -> Descriptor:
         raise ManifestInvalid({"field": where}, f"{where}: digest missing")
     try:
         d = parse_digest(digest)
-    except Exception:
+    except RegistryError:
         raise ManifestInvalid({"field": where, "digest": digest}, f"{where}: digest invalid") from None
     urls = value.get("urls") or ()
     return Descriptor(media_type, d, size, tuple(urls) if isinstance(urls, list) else ())
@@ -82,6 +92,8 @@ def parse_manifest(payload: bytes, content_type: str | None, digest: Digest | No
         doc = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as e:
         raise ManifestInvalid({"reason": str(e)}, "manifest is not valid JSON") from None
+    except RecursionError:  # nested deeper than any manifest: a document built to hurt
+        raise ManifestInvalid(None, "manifest is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ManifestInvalid(None, "manifest must be a JSON object")
     content_type = (content_type or "").split(";")[0].strip() or None
@@ -136,7 +148,7 @@ def media_type_of(payload: bytes) -> str:
     """The media type of stored bytes (validated when pushed)."""
     try:
         doc = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return OCI_MANIFEST
     declared = doc.get("mediaType") if isinstance(doc, dict) else None
     if isinstance(declared, str) and declared:
@@ -158,16 +170,26 @@ class ManifestCache:
             self._lru.put(d, (payload, media_type))
 
 
+def read_link(link: bytes, path: str) -> Digest:
+    """The digest a link object holds."""
+    try:
+        return parse_digest(link.decode().strip())
+    except (UnicodeDecodeError, RegistryError):
+        raise DamagedContent(f"{path} holds no digest") from None
+
+
 class Tags:
     def __init__(self, driver: StorageDriver, name: str) -> None:
         self.driver, self.name = driver, name
 
     async def resolve(self, tag: str) -> Digest:
+        """The digest a tag points to; MANIFEST_UNKNOWN only when there is no such tag."""
+        path = paths.tag_current(self.name, tag)
         try:
-            link = await self.driver.get_content(paths.tag_current(self.name, tag))
-            return parse_digest(link.decode().strip())
-        except (PathNotFound, UnicodeDecodeError, Exception):
+            link = await self.driver.get_content(path)
+        except PathNotFound:
             raise ManifestUnknown({"tag": tag}) from None
+        return read_link(link, path)
 
     async def tag(self, tag: str, d: Digest) -> None:
         link = str(d).encode()
@@ -239,7 +261,7 @@ class Manifests:
             return d, cached[0], cached[1]
         try:
             payload = await self.store.read_small(d)
-        except Exception:
+        except BlobUnknown:
             raise ManifestUnknown({"reference": reference}) from None
         media_type = media_type_of(payload)
         self.cache.put(d, payload, media_type)
@@ -296,18 +318,30 @@ class Manifests:
                 await self.tags.untag(tag)
             except ManifestUnknown:
                 pass
+        subject = await self._subject_of(d)
         try:
-            payload = (await self.get(reference))[1]
-            subject = parse_manifest(payload, None, d).subject
-        except Exception:
-            subject = None
-        await self.driver.delete(paths.revision_link(self.name, d).rsplit("/", 1)[0])
+            await self.driver.delete(paths.revision_link(self.name, d).rsplit("/", 1)[0])
+        except PathNotFound:  # deleted by a concurrent request meanwhile
+            raise ManifestUnknown({"reference": reference}) from None
         if subject is not None:
             try:
                 await self.driver.delete(
-                    paths.referrer_link(self.name, subject.digest, d).rsplit("/", 1)[0])
+                    paths.referrer_link(self.name, subject, d).rsplit("/", 1)[0])
             except PathNotFound:
                 pass
+
+    async def _subject_of(self, d: Digest) -> Digest | None:
+        """The subject a stored manifest names, to remove its referrer link with it. A manifest
+        whose bytes are gone names none; read errors propagate (a delete fails closed)."""
+        try:
+            payload = await self.store.read_small(d)
+        except BlobUnknown:
+            return None
+        try:
+            subject = parse_manifest(payload, None, d).subject
+        except ManifestInvalid:
+            return None
+        return subject.digest if subject is not None else None
 
     async def referrers(self, subject: Digest, artifact_type: str | None) -> list[dict[str, Any]]:
         """Descriptors of the manifests whose subject is `subject`, by digest order."""
@@ -323,12 +357,15 @@ class Manifests:
             except PathNotFound:
                 continue
             for entry in sorted(entries):
-                ref = f"{alg_dir.rsplit('/', 1)[1]}:{entry.rsplit('/', 1)[1]}"
+                try:
+                    ref = str(parse_digest(f"{alg_dir.rsplit('/', 1)[1]}:{entry.rsplit('/', 1)[1]}"))
+                except RegistryError:
+                    continue  # not a digest's directory: not ours
                 try:
                     d, payload, _ = await self.get(ref)
                     m = parse_manifest(payload, None, d)
-                except Exception:
-                    continue  # deleted since, or not ours
+                except (ManifestUnknown, ManifestInvalid):
+                    continue  # deleted since, or not a manifest
                 if artifact_type is not None and m.artifact_type != artifact_type:
                     continue
                 desc: dict[str, Any] = {"mediaType": m.media_type, "digest": str(d),

@@ -9,7 +9,10 @@
 
 Referrers are indexed by regserve alone (distribution has no referrers API) under
     /docker/registry/v2/repositories/<name>/_refs/subjects/<alg>/<hex>/<alg>/<hex>/link
-which distribution ignores.
+which distribution ignores, as it ignores
+    /regserve/serving
+which every regserve serving writes holds (shared, `driver.lock`) and garbage-collect takes
+exclusively, so that the two never run at once on one storage.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from ..reference import Digest
 
 ROOT = "/docker/registry/v2"
+SERVING = "/regserve/serving"
 BLOBS = f"{ROOT}/blobs"
 REPOSITORIES = f"{ROOT}/repositories"
 

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
+import logging
+import re
 import time
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import AsyncIterator
 
 from ..errors import ReadOnly, Unsupported
-from ..reference import check_name
-from ..storage import PathNotFound, StorageDriver
+from ..reference import COMPONENT, check_name
+from ..storage import AlreadyExists, Busy, PathNotFound, StorageDriver
 from . import paths
 from .blobs import BlobStore, RepositoryBlobs
 from .manifests import ManifestCache, Manifests, Tags
 from .uploads import Uploads
+
+log = logging.getLogger("regserve.registry")
+_COMPONENT_RE = re.compile(COMPONENT)
 
 
 class Repository:
@@ -48,19 +54,22 @@ class Registry:
         if not self.delete_enabled:
             raise Unsupported(None, "deletion is disabled (storage.delete.enabled)")
 
-    async def catalog(self) -> list[str]:
-        """Every repository, in lexical order: a directory holding `_manifests` is a repository,
-        and names never descend into `_`-prefixed directories (distribution's walk)."""
-        local = self.driver.local_path(paths.REPOSITORIES)
-        if local is not None:
-            return sorted(_walk_local(local))
-        names: list[str] = []
-        await self._walk(paths.REPOSITORIES, "", names)
-        return sorted(names)
+    async def catalog(self, limit: int | None = None, after: str | None = None) -> tuple[list[str], bool]:
+        """Repository names in lexical order after `after`, at most `limit` of them, and whether
+        more follow. A directory holding `_manifests` is a repository, and names never descend
+        into `_`-prefixed directories (distribution's walk). The walk stops once the page is
+        full and skips whole subtrees before `after`, so a page costs the same on a registry
+        of twenty or twenty thousand repositories."""
+        names = await walk_repositories(self.driver, ("_manifests",), after,
+                                        None if limit is None else limit + 1)
+        if limit is not None and len(names) > limit:
+            return names[:limit], True
+        return names, False
 
     async def purge_uploads(self, older_than: float, dry_run: bool = False) -> list[str]:
         """Remove upload sessions started more than `older_than` seconds ago (distribution's
-        maintenance.uploadpurging)."""
+        maintenance.uploadpurging), each as its owner: a session some request is writing to
+        right now is left alone."""
         cutoff = time.time() - older_than
         purged = []
         for name in await self.all_repositories():
@@ -69,49 +78,130 @@ class Registry:
                 sessions = await self.driver.list(base)
             except PathNotFound:
                 continue
-            for session in sessions:
+            for session in sorted(sessions):
                 started = await _started_at(self.driver, f"{session}/startedat")
-                if started is None:
+                if started is None:  # no startedat: no session to own, only debris
                     try:
                         started = (await self.driver.stat(session)).mtime
                     except PathNotFound:
                         continue
-                if started < cutoff:
-                    purged.append(session)
-                    if not dry_run:
-                        try:
-                            await self.driver.delete(session)
-                        except PathNotFound:
-                            pass
+                    if started < cutoff:
+                        purged.append(session)
+                        if not dry_run:
+                            await _delete_if_there(self.driver, session)
+                    continue
+                if started >= cutoff:
+                    continue
+                try:
+                    async with self.driver.lock(f"{session}/startedat"):
+                        purged.append(session)
+                        if not dry_run:
+                            await _delete_if_there(self.driver, session)
+                except (Busy, PathNotFound):
+                    continue  # in use right now, or just finished
         return purged
 
     async def all_repositories(self) -> list[str]:
         """Every repository with anything in it: manifests, layer links or uploads."""
-        names: list[str] = []
-        await self._walk(paths.REPOSITORIES, "", names, markers=("_manifests", "_layers", "_uploads"))
-        return sorted(set(names))
+        return await walk_repositories(self.driver, ("_manifests", "_layers", "_uploads"))
 
-    async def _walk(self, path: str, prefix: str, out: list[str],
-                    markers: tuple[str, ...] = ("_manifests",)) -> None:
-        try:
-            children = await self.driver.list(path)
-        except PathNotFound:
+    @asynccontextmanager
+    async def serving_writes(self) -> AsyncIterator[None]:
+        """Held while this process serves writes: garbage-collect refuses to sweep meanwhile,
+        and a registry starting while it sweeps waits for it to finish."""
+        if self.readonly:
+            yield
             return
-        for child in sorted(children):
+        await _ensure_exists(self.driver, paths.SERVING)
+        async with AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.driver.lock(paths.SERVING, shared=True))
+            except Busy:
+                log.warning("garbage-collect is running on this storage: serving once it is done")
+                await stack.enter_async_context(
+                    self.driver.lock(paths.SERVING, wait=float("inf"), shared=True))
+            yield
+
+    @asynccontextmanager
+    async def sweeping(self) -> AsyncIterator[None]:
+        """Held by garbage-collect while it deletes: refused (RegistryBusy) while any registry
+        serves writes on the same storage."""
+        await _ensure_exists(self.driver, paths.SERVING)
+        async with AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.driver.lock(paths.SERVING))
+            except Busy:
+                raise RegistryBusy("a registry is serving writes on this storage; stop it, or set "
+                                   "storage.maintenance.readonly.enabled and restart it, then run "
+                                   "garbage-collect again (nothing was deleted)") from None
+            yield
+
+
+class RegistryBusy(Exception):
+    """garbage-collect cannot sweep while a registry serves writes on the same storage."""
+
+
+async def walk_repositories(driver: StorageDriver, markers: tuple[str, ...], after: str | None = None,
+                            limit: int | None = None) -> list[str]:
+    """Repository names (directories holding one of `markers`) in lexical order, after `after`
+    and at most `limit`.
+
+    A name's subtree holds exactly the names that start with "<name>/". Ordering each
+    directory's entries by "<child>" for the child itself and "<child>/" for its subtree gives
+    the names in plain string order ("a" < "a-b" < "a/c", since '-' < '/'), so the walk can
+    stop once it has `limit` names, and skip any subtree that lies wholly before `after`."""
+    out: list[str] = []
+
+    async def visit(path: str, prefix: str, children: list[str]) -> None:
+        items = []
+        for child in children:
             base = child.rsplit("/", 1)[1]
-            if base in markers:
-                out.append(prefix.rstrip("/"))
-            elif not base.startswith("_"):
-                await self._walk(child, f"{prefix}{base}/", out, markers)
+            if _COMPONENT_RE.fullmatch(base):
+                items += [(prefix + base, 0, child), (prefix + base + "/", 1, child)]
+        items.sort()
+        listed: dict[str, list[str]] = {}
+        for key, is_tree, child in items:
+            if limit is not None and len(out) >= limit:
+                return
+            if is_tree:
+                if after is not None and key < after and not after.startswith(key):
+                    listed.pop(child, None)
+                    continue  # every name below lies before `after`
+                below = listed.pop(child, None)
+                if below is None:
+                    below = await _list_or_empty(driver, child)
+                await visit(child, key, [c for c in below if not c.rsplit("/", 1)[1].startswith("_")])
+            elif after is None or key > after:
+                below = listed[child] = await _list_or_empty(driver, child)
+                if any(c.rsplit("/", 1)[1] in markers for c in below):
+                    out.append(key)
+
+    await visit(paths.REPOSITORIES, "", await _list_or_empty(driver, paths.REPOSITORIES))
+    return out
 
 
-def _walk_local(root: str) -> list[str]:
-    found = []
-    for dirpath, dirnames, _ in os.walk(root):
-        if "_manifests" in dirnames:
-            found.append(os.path.relpath(dirpath, root).replace(os.sep, "/"))
-        dirnames[:] = [d for d in dirnames if not d.startswith("_") and ".tmp-" not in d]
-    return found
+async def _list_or_empty(driver: StorageDriver, path: str) -> list[str]:
+    try:
+        return await driver.list(path)
+    except PathNotFound:
+        return []
+
+
+async def _delete_if_there(driver: StorageDriver, path: str) -> None:
+    try:
+        await driver.delete(path)
+    except PathNotFound:
+        pass
+
+
+async def _ensure_exists(driver: StorageDriver, path: str) -> None:
+    try:
+        await driver.stat(path)
+    except PathNotFound:
+        try:
+            await driver.put_content(path, b"", exclusive=True)
+        except AlreadyExists:
+            pass  # another process made it first
 
 
 async def _started_at(driver: StorageDriver, path: str) -> float | None:

@@ -5,6 +5,21 @@ and `hashstates/<alg>/<offset>` (the digest state after `offset` bytes, in Go's 
 process that shares the storage can continue a session: it restores the newest hash state at or
 below the data's size and hashes only the bytes after it. Bytes are hashed and written as they
 arrive, hashing and writing in two threads while the event loop reads the next batch.
+
+A session's states, and who moves it from one to the next:
+
+    open --PATCH--> appending --the request ends, hash state saved--> open
+    open --PUT----> committing --digest verified, data renamed into the blob store--> committed
+    open --DELETE, purge, or a PUT with a wrong digest--> cancelled
+
+Committed and cancelled sessions are removed: later requests get BLOB_UPLOAD_UNKNOWN. Every
+transition belongs to whoever owns the session: `driver.lock` on its `startedat`, which every
+worker and every replica on the same storage obeys. An owner first checks that the session
+still exists (the owner before it may have committed or cancelled it); only an owner opens
+`data` for appending; and a commit publishes only the very file this owner appended to, at
+exactly the length it hashed. So a committed blob can never be written to, and no byte that was
+not hashed is ever published. A request that finds the session owned waits up to
+LOCK_WAIT_SECONDS (a retried PATCH behind one still draining), then gets BLOB_UPLOAD_INVALID.
 """
 
 from __future__ import annotations
@@ -16,13 +31,14 @@ import re
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from .. import hashstate
 from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, UploadRangeInvalid
 from ..reference import Digest
-from ..storage import FileWriter, PathNotFound, StorageDriver, WriterBusy
+from ..storage import Busy, FileWriter, PathNotFound, StorageDriver
 from ..uncancellable import to_the_end
 from . import paths
 from .blobs import BlobInfo, BlobStore, RepositoryBlobs
@@ -32,6 +48,7 @@ BATCH_BYTES = 512 << 10       # handed to the hash/write threads at a time
 IN_FLIGHT_BYTES = 20 << 20    # received, not written yet: bounds memory, and the tail a PATCH waits for
 WRITE_GATHER_BYTES = 8 << 20  # at most this much of what is ready is written with one call
 CHECKPOINT_BYTES = 256 << 20     # hash state saved this often within one long request
+LOCK_WAIT_SECONDS = 10.0      # a request waits this long for the session's present owner
 _hash_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hash")  # resume/fallback re-hash
 
 
@@ -218,12 +235,25 @@ class UploadSession:
         except PathNotFound:
             return 0
 
+    @asynccontextmanager
+    async def _owned(self, wait: float = LOCK_WAIT_SECONDS) -> AsyncIterator[None]:
+        """Own the session (see the module's docstring) while the context lasts."""
+        async with AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(
+                    self.driver.lock(paths.upload_startedat(self.name, self.id), wait))
+            except PathNotFound:
+                raise BlobUploadUnknown({"upload": self.id}) from None
+            except Busy:
+                raise BlobUploadInvalid({"upload": self.id}, "another request is writing to this upload") from None
+            yield
+
     async def _open(self) -> FileWriter:
+        """The session's data, for its owner to append to."""
         try:
-            return await self.driver.writer(self.data_path, append=True)
-        except WriterBusy:
-            raise BlobUploadInvalid({"upload": self.id},
-                                    "another request is writing to this upload") from None
+            return await self.driver.append(self.data_path)
+        except PathNotFound:  # the owner removed it just now: cannot happen while we own it
+            raise BlobUploadUnknown({"upload": self.id}) from None
 
     # -- hash state -------------------------------------------------------------------------
 
@@ -295,13 +325,14 @@ class UploadSession:
     async def append(self, body: AsyncIterator[bytes], chunk: ChunkRange | None = None) -> int:
         """Stream a request body onto the session; returns the new size. Whatever arrives before
         a disconnect is kept (and its hash state saved), so the client can resume from there."""
-        writer = await self._open()
-        try:
-            hashers = await self._positioned(writer, chunk)
-            await self._stream(writer, hashers, body)
-            return writer.size
-        finally:
-            await writer.close()
+        async with self._owned():
+            writer = await self._open()
+            try:
+                hashers = await self._positioned(writer, chunk)
+                await self._stream(writer, hashers, body)
+                return writer.size
+            finally:
+                await writer.close()
 
     async def _stream(self, writer: FileWriter, hashers: list[hashstate.Hasher],
                       body: AsyncIterator[bytes]) -> None:
@@ -310,33 +341,41 @@ class UploadSession:
     async def finish(self, digest: Digest, body: AsyncIterator[bytes] | None,
                      chunk: ChunkRange | None, blobs: RepositoryBlobs) -> BlobInfo:
         """Append an optional last chunk, verify the digest and commit the blob atomically."""
-        writer = await self._open()
-        try:
-            hashers = await self._positioned(writer, chunk)
-            if body is not None:
-                await self._stream(writer, hashers, body)
-            actual = await self._digest_of(hashers, digest.algorithm, writer.size)
-            if actual != digest.hex:
+        async with self._owned():
+            writer = await self._open()
+            try:
+                hashers = await self._positioned(writer, chunk)
+                if body is not None:
+                    await self._stream(writer, hashers, body)
+                size = writer.size
+                actual = await self._digest_of(hashers, digest.algorithm, size)
+                if actual != digest.hex:
+                    await writer.close()
+                    await self._remove()
+                    raise DigestInvalid({"expected": str(digest), "actual": f"{digest.algorithm}:{actual}"})
+                await self.uploads.store.publish(writer, digest, size)
+            finally:
                 await writer.close()
-                await self.cancel()
-                raise DigestInvalid({"expected": str(digest), "actual": f"{digest.algorithm}:{actual}"})
-            size = writer.size
-            await self.uploads.store.publish(writer, digest)
-        finally:
-            await writer.close()
-        await blobs.link(digest)
-        await self.cancel()  # the session's state, and its data if the blob already existed
+            await blobs.link(digest)
+            await self._remove()  # the session's state, and its data if the blob already existed
         return BlobInfo(digest, size, paths.blob_data(digest))
 
     async def _digest_of(self, hashers: list[hashstate.Hasher], algorithm: str, size: int) -> str:
         for h in hashers:
             if h.algorithm == algorithm:
+                if h.length != size:  # every byte written is hashed: anything else is a bug
+                    raise RuntimeError(f"upload {self.id}: {size} bytes written, {h.length} hashed")
                 return h.hexdigest()
         hasher = hashstate.Hasher(algorithm)  # not tracked incrementally: read it back once
         await self._hash_stored(hasher, 0, size)
         return hasher.hexdigest()
 
     async def cancel(self) -> None:
+        async with self._owned():
+            await self._remove()
+
+    async def _remove(self) -> None:
+        """End the session, for its owner."""
         try:
             await self.driver.delete(paths.upload_dir(self.name, self.id))
         except PathNotFound:
@@ -356,23 +395,18 @@ class Uploads:
 
     async def put_whole(self, digest: Digest, body: AsyncIterator[bytes], blobs: RepositoryBlobs) -> BlobInfo:
         """A blob sent whole in one request (POST ?digest=). The client never sees a session, so
-        none is kept: the body goes to a private temporary object beside the blob's final name,
-        is verified and made durable, then renamed into place; on any failure it is removed."""
-        store = self.store
-        temp = store.temp_path(digest)
-        writer = await self.driver.writer(temp)
-        published = False
+        none is kept: the body goes to a new private object, is verified and made durable, then
+        published under its digest; on any failure it is removed."""
+        writer = await self.driver.create()
         try:
             hasher = hashstate.Hasher(digest.algorithm)
             await stream_into(writer, [hasher], body)
             if hasher.hexdigest() != digest.hex:
                 raise DigestInvalid({"expected": str(digest), "actual": hasher.digest()})
             size = writer.size
-            published = await store.publish(writer, digest)
+            await self.store.publish(writer, digest, size)
         finally:
-            await writer.close()
-            if not published:
-                await store.discard_temp(temp, digest)
+            await writer.cancel()  # nothing left to remove once published
         await blobs.link(digest)
         return BlobInfo(digest, size, paths.blob_data(digest))
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import FileInfo, FileWriter, PathNotFound, StorageDriver, WriterBusy
+from .base import AlreadyExists, Busy, CommitMismatch, FileInfo, FileWriter, PathNotFound, StorageDriver, check_path
 
-__all__ = ["FileInfo", "FileWriter", "PathNotFound", "StorageDriver", "WriterBusy", "create_driver"]
+__all__ = ["AlreadyExists", "Busy", "CommitMismatch", "FileInfo", "FileWriter", "PathNotFound",
+           "StorageDriver", "check_path", "create_driver"]
 
 
 def create_driver(kind: str, params: dict[str, Any]) -> StorageDriver:

@@ -1,7 +1,25 @@
-"""The storage driver interface: object-store semantics, no in-place edits.
+"""The storage driver contract, in object-store terms.
 
-Paths are absolute, '/'-separated, as distribution's drivers use them ("/docker/registry/v2/...").
-A driver never sees HTTP, and the registry layer never sees the filesystem or S3 directly.
+Paths are absolute and '/'-separated, as distribution's drivers use them ("/docker/registry/v2/...").
+Every component is non-empty, and none is "." or ".." or starts with "." (those names are the
+driver's own, for its temporaries and locks, so they can never be confused with content: no name
+a repository, tag, digest or upload may have starts with a dot). Directories are implied by the
+objects below them, as prefixes are in S3.
+
+What a driver offers, and nothing else is used above it:
+
+* read: `get_content` (a small object), `reader` (ranged, streamed), `stat`, `list` (the direct
+  children of a prefix);
+* write: `put_content` (atomic replace, or create-if-absent), `create` (a new private object, streamed, published
+  under its final name by `commit`), `append` (continue an object from its size: an upload),
+  `move`, `delete` (an object or a whole prefix);
+* ownership: `lock`, one owner of an object at a time across every process and replica that
+  shares the storage;
+* housekeeping: `purge_temporaries`, for what a crash (kill -9, a full disk) left behind.
+
+Nothing a driver publishes is ever partial: `put_content` and `commit` make an object appear
+complete or not at all. A driver never sees HTTP, and the registry layer never sees the
+filesystem or S3 directly.
 """
 
 from __future__ import annotations
@@ -9,7 +27,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncContextManager, AsyncIterator, Sequence
 
 
 class PathNotFound(Exception):
@@ -18,8 +36,28 @@ class PathNotFound(Exception):
         self.path = path
 
 
-class WriterBusy(Exception):
-    """Another request is writing to the same upload right now."""
+class AlreadyExists(Exception):
+    """`put_content(exclusive=True)` found an object at the path."""
+
+
+class Busy(Exception):
+    """Another owner holds the object (`lock` waited as long as it was told to)."""
+
+
+class CommitMismatch(Exception):
+    """What a writer would publish is not what its caller verified: another size, or another
+    object than the one written (it was replaced or appended to meanwhile). Nothing was published."""
+
+
+def check_path(path: str) -> str:
+    """A path by the contract's rules, or ValueError. Drivers call it on every path they get."""
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise ValueError(f"invalid storage path {path!r}")
+    if path != "/":
+        for part in path[1:].rstrip("/").split("/"):
+            if not part or part.startswith("."):
+                raise ValueError(f"invalid storage path {path!r}")
+    return path
 
 
 @dataclass(frozen=True)
@@ -31,14 +69,21 @@ class FileInfo:
 
 
 class FileWriter(abc.ABC):
-    """A streaming writer. `close()` keeps what was written so a later writer can append to it;
-    `commit(dest)` makes it durable under its final name; `cancel()` removes it.
+    """A streaming writer, from `StorageDriver.create` (a new private object) or `append` (an
+    existing one, continued from its size).
 
     Writes are sequential: one at a time, each appended after the last. Bulk data comes from the
     upload pipeline: on the event loop it `stage()`s each piece of a body and `take_staged()`s at
-    the end of each batch; its hashing thread hashes what was taken, its writing thread passes
-    it to `write_from_thread()`. `write()` is for a body small enough that a thread handoff
-    would cost more than the write. `size` counts the bytes written (or staged) so far."""
+    the end of each batch; its hashing thread hashes what was taken, its writing thread passes it
+    to `write_from_thread()`. `write()` is for a body small enough that a thread handoff would cost
+    more than the write. `size` counts the bytes written (or staged, where staging copies).
+
+    `commit(dest, size)` makes the object durable and publishes it atomically as `dest`, but only
+    if it is exactly what was written through this writer and `size` bytes long: the caller passes
+    the length it hashed, so a publish can never carry bytes nobody verified (CommitMismatch
+    otherwise, with nothing published). `readonly` marks content that must never change again
+    (blob data). `close()` keeps what was written (an upload continues later); `cancel()` removes
+    a private object."""
 
     size: int
 
@@ -69,9 +114,7 @@ class FileWriter(abc.ABC):
         asyncio.run_coroutine_threadsafe(self.write(staged), loop).result()
 
     @abc.abstractmethod
-    async def commit(self, dest: str) -> None:
-        """Make the object durable and publish it atomically as `dest` (it only ever appears
-        complete there)."""
+    async def commit(self, dest: str, size: int, readonly: bool = False) -> None: ...
 
     @abc.abstractmethod
     async def cancel(self) -> None: ...
@@ -83,29 +126,45 @@ class FileWriter(abc.ABC):
 class StorageDriver(abc.ABC):
     name: str
 
+    # -- reading ------------------------------------------------------------------------------
+
     @abc.abstractmethod
     async def get_content(self, path: str) -> bytes:
         """A small object's bytes (links, manifests, state files)."""
 
     @abc.abstractmethod
-    async def put_content(self, path: str, data: bytes, durable: bool = True) -> None:
-        """Replace an object atomically; durably unless the caller can live without it after
-        a crash (it will find the old object, or none)."""
-
-    @abc.abstractmethod
     def reader(self, path: str, offset: int = 0, length: int | None = None,
                chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
-        """Stream `length` bytes (or to the end) from `offset`."""
+        """Stream `length` bytes (or to the end) from `offset`. PathNotFound comes before the
+        first chunk."""
 
     @abc.abstractmethod
-    async def writer(self, path: str, append: bool = False) -> FileWriter: ...
-
-    @abc.abstractmethod
-    async def stat(self, path: str) -> FileInfo: ...
+    async def stat(self, path: str) -> FileInfo:
+        """An object's size, or a prefix (is_dir) that has objects below it."""
 
     @abc.abstractmethod
     async def list(self, path: str) -> list[str]:
-        """Full paths of the direct children of a directory/prefix."""
+        """Full paths of the direct children (objects and prefixes) of a prefix, in no order."""
+
+    # -- writing ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def put_content(self, path: str, data: bytes, durable: bool = True,
+                          exclusive: bool = False) -> None:
+        """Replace an object atomically; durably unless the caller can live without it after
+        a crash (it will find the old object, or none). `exclusive`: only create it, atomically
+        (AlreadyExists if there is one): of racing creators, exactly one succeeds."""
+
+    @abc.abstractmethod
+    async def create(self) -> FileWriter:
+        """A writer for a new private object that no one else can see or name until its
+        `commit` publishes it."""
+
+    @abc.abstractmethod
+    async def append(self, path: str) -> FileWriter:
+        """A writer that continues the object at `path` from its size (an empty object if there
+        is none yet, PathNotFound if its parent prefix is gone). The caller must own `path`'s
+        session through `lock`: the driver does not stop two appenders."""
 
     @abc.abstractmethod
     async def move(self, source: str, dest: str) -> None:
@@ -113,10 +172,28 @@ class StorageDriver(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, path: str) -> None:
-        """Remove an object or everything under a prefix."""
+        """Remove an object or everything under a prefix; PathNotFound if there is nothing."""
 
     async def prune(self, path: str) -> None:
         """Remove a directory if it is empty (object stores have none: nothing to do)."""
+
+    # -- ownership ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def lock(self, path: str, wait: float = 0.0, shared: bool = False) -> AsyncContextManager[None]:
+        """Own the object at `path` while the context lasts, across every process and replica
+        on this storage: exclusively, or (`shared`) together with other shared owners only.
+        Waits up to `wait` seconds for the present owner (Busy after that), without holding a
+        thread. PathNotFound if the object does not exist, or stopped existing while this
+        waited: an owner that removes an object ends it for everyone waiting on it."""
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    async def purge_temporaries(self, older_than: float) -> int:
+        """Remove the driver's temporaries (private objects never committed, trees half
+        deleted) untouched for `older_than` seconds: what a crash or a full disk left behind.
+        Returns how many were removed."""
+        return 0
 
     def local_path(self, path: str) -> str | None:
         """A filesystem path to serve the object with sendfile, where the driver has one."""

@@ -1,8 +1,12 @@
 """Filesystem driver: distribution's on-disk layout under a root directory.
 
-Writes go to a temporary file that is fsynced and renamed into place, so a crash never leaves a
-partial object behind a final name. Blocking calls run in a thread pool of their own so the event
-loop stays free and large writes overlap with hashing.
+New objects are written as temporaries in `<root>/.regserve/tmp/`, fsynced and renamed into
+place, so a crash never leaves a partial object behind a final name, and no temporary ever sits
+among content (a directory listing of content never has to guess what is a temporary). Trees
+being deleted are renamed there first, so readers never see half of one. Whatever a crash leaves
+there is removed by `purge_temporaries`. Ownership (`lock`) is flock(2) on the object itself,
+which every process on this host and every NFSv4 client honours. Blocking calls run in a thread
+pool of the driver's own, so the event loop stays free and large writes overlap with hashing.
 """
 
 from __future__ import annotations
@@ -13,19 +17,25 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import re
 import stat as stat_mod
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 from ..uncancellable import to_the_end
-from .base import FileInfo, FileWriter, PathNotFound, StorageDriver, WriterBusy
+from .base import AlreadyExists, Busy, CommitMismatch, FileInfo, FileWriter, PathNotFound, StorageDriver, check_path
 from .directio import DirectAppender, direct_io_suits
 
 T = TypeVar("T")
 IOV_MAX = 1024
-LOCK_WAIT_SECONDS = 10.0
+PRIVATE = ".regserve"      # under the root: the driver's own (no content name starts with a dot)
+REPLACE_ATTEMPTS = 8       # a rename whose new parent a concurrent delete keeps removing
+# Temporaries of earlier regserve versions sat beside content as "<name>.tmp-<uuid hex>"; those
+# of fixed content names (never a repository or tag name) are removed by purge_temporaries.
+LEGACY_TEMP = re.compile(r"(?:data|link|startedat|\d+)\.tmp-[0-9a-f]{32}")
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 WRITEBACK_STEP = 8 << 20  # start writeback of this much at a time: large I/O, little dirty memory
 CACHE_BEHIND = 64 << 20   # a stream keeps at most about this much of what it wrote in the page cache
@@ -78,10 +88,46 @@ def _remove_tree(path: str) -> None:
     os.rmdir(path)
 
 
+def _replace_into(src: str, dst: str) -> None:
+    """rename(2) `src` over `dst`, making `dst`'s parents. A concurrent delete of the parent
+    (a DELETE of the manifest whose link a PUT is writing) between the two steps is retried:
+    the later writer wins, as it would have a moment later."""
+    parent = os.path.dirname(dst)
+    for attempt in range(REPLACE_ATTEMPTS):
+        try:
+            os.makedirs(parent, exist_ok=True)
+            os.replace(src, dst)
+            return
+        except (FileNotFoundError, FileExistsError):  # makedirs: made, then removed under it
+            if not os.path.lexists(src) or attempt == REPLACE_ATTEMPTS - 1:
+                raise
+
+
+def _link_into(src: str, dst: str, path: str) -> None:
+    """link(2) `src` as `dst`, which must not exist yet (AlreadyExists): create-if-absent."""
+    for attempt in range(REPLACE_ATTEMPTS):
+        try:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.link(src, dst)
+            return
+        except FileExistsError:
+            if os.path.lexists(dst):
+                raise AlreadyExists(path) from None
+            if attempt == REPLACE_ATTEMPTS - 1:  # makedirs: made, then removed under it
+                raise
+        except FileNotFoundError:
+            if attempt == REPLACE_ATTEMPTS - 1:
+                raise
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 class FilesystemWriter(FileWriter):
-    def __init__(self, driver: "FilesystemDriver", full: str, fd: int) -> None:
+    def __init__(self, driver: "FilesystemDriver", full: str, fd: int, private: bool) -> None:
         super().__init__()
-        self._driver, self._full, self._fd = driver, full, fd
+        self._driver, self._full, self._fd, self._private = driver, full, fd, private
         self.size = os.fstat(fd).st_size
         self._unflushed = self.size  # where writeback has not been started yet
         # Pages before here are dropped from the cache (or were, by an earlier writer: an upload
@@ -145,26 +191,39 @@ class FilesystemWriter(FileWriter):
             direct, self._direct = self._direct, None
             direct.flush()
 
-    async def commit(self, dest: str) -> None:
-        await self._driver._run(self._publish, self._driver._full(dest))
+    async def commit(self, dest: str, size: int, readonly: bool = False) -> None:
+        await self._driver._run(self._publish, self._driver._full(dest), size, readonly)
         await self.close()
 
-    def _publish(self, dest_full: str) -> None:
+    def _publish(self, dest_full: str, size: int, readonly: bool) -> None:
+        """Publish this writer's file as `dest_full` if it is still the file at our name and
+        holds exactly `size` bytes: a file someone else appended to, truncated or replaced is
+        never published."""
         self._end_direct()
+        mine = os.fstat(self._fd)
+        try:
+            named = os.stat(self._full)
+        except FileNotFoundError:
+            raise CommitMismatch(f"{self._full} was removed while being written") from None
+        if not _same_file(mine, named):
+            raise CommitMismatch(f"{self._full} was replaced while being written")
+        if mine.st_size != size:
+            raise CommitMismatch(f"holds {mine.st_size} bytes, {size} were verified")
         os.fsync(self._fd)
-        parent = os.path.dirname(dest_full)
-        if parent != os.path.dirname(self._full):
-            os.makedirs(parent, exist_ok=True)
-        os.replace(self._full, dest_full)
-        _fsync_dir(parent)
+        if readonly:  # content addressed: no one may open it for writing again
+            os.fchmod(self._fd, 0o444)
+        _replace_into(self._full, dest_full)
+        _fsync_dir(os.path.dirname(dest_full))
         self._full = dest_full
+        self._private = False
 
     async def cancel(self) -> None:
         await self.close()
-        try:
-            os.unlink(self._full)
-        except FileNotFoundError:
-            pass
+        if self._private:  # an upload's data stays for its session to decide
+            try:
+                os.unlink(self._full)
+            except FileNotFoundError:
+                pass
 
     async def close(self) -> None:
         if self._fd >= 0:
@@ -172,7 +231,7 @@ class FilesystemWriter(FileWriter):
                 self._end_direct()  # the last partial block
             finally:
                 fd, self._fd = self._fd, -1
-                os.close(fd)  # also drops the flock
+                os.close(fd)
 
 
 class FilesystemDriver(StorageDriver):
@@ -182,14 +241,17 @@ class FilesystemDriver(StorageDriver):
                  direct_io: bool | None = None) -> None:
         """`direct_io`: write uploads with O_DIRECT; None chooses by the filesystem's type."""
         self.root = os.path.abspath(rootdirectory)
-        os.makedirs(self.root, exist_ok=True)
+        self._temp = os.path.join(self.root, PRIVATE, "tmp")
+        os.makedirs(self._temp, exist_ok=True)
         self.direct_io = direct_io_suits(self.root) if direct_io is None else direct_io
         self._pool = ThreadPoolExecutor(max_workers=max(4, maxthreads), thread_name_prefix="fs")
 
     def _full(self, path: str) -> str:
-        if not path.startswith("/") or "/../" in path + "/" or "/./" in path + "/" or "\0" in path:
-            raise ValueError(f"invalid storage path {path!r}")
+        check_path(path)
         return self.root + path.rstrip("/") if path != "/" else self.root
+
+    def _temp_name(self) -> str:
+        return os.path.join(self._temp, uuid.uuid4().hex)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         # Never abandoned: the caller's cleanup may close the descriptor or writer fn uses.
@@ -198,6 +260,8 @@ class FilesystemDriver(StorageDriver):
     def local_path(self, path: str) -> str | None:
         return self._full(path)
 
+    # -- reading ------------------------------------------------------------------------------
+
     async def get_content(self, path: str) -> bytes:
         full = self._full(path)
         try:
@@ -205,23 +269,6 @@ class FilesystemDriver(StorageDriver):
                 return f.read()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise PathNotFound(path) from None
-
-    async def put_content(self, path: str, data: bytes, durable: bool = True) -> None:
-        await self._run(self._put_sync, self._full(path), data, durable)
-
-    @staticmethod
-    def _put_sync(full: str, data: bytes, durable: bool = True) -> None:
-        parent = os.path.dirname(full)
-        os.makedirs(parent, exist_ok=True)
-        tmp = f"{full}.tmp-{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_all(fd, [data])
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, full)
 
     async def reader(self, path: str, offset: int = 0, length: int | None = None,
                      chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
@@ -242,32 +289,6 @@ class FilesystemDriver(StorageDriver):
         finally:
             os.close(fd)
 
-    async def writer(self, path: str, append: bool = False) -> FileWriter:
-        if not append:
-            return self._open_writer(path, False)  # a new private file: no lock to wait for
-        return await self._run(self._open_writer, path, append)
-
-    def _open_writer(self, path: str, append: bool) -> FilesystemWriter:
-        full = self._full(path)
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-        fd = os.open(full, flags, 0o644)
-        # One appender per object across processes: a retried PATCH must not interleave with a
-        # request that is still draining. Wait a little for the other one to finish. (A new
-        # object is private to its writer: no lock.)
-        deadline = LOCK_WAIT_SECONDS
-        while append:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline <= 0:
-                    os.close(fd)
-                    raise WriterBusy(path) from None
-                time.sleep(0.05)
-                deadline -= 0.05
-        return FilesystemWriter(self, full, fd)
-
     async def stat(self, path: str) -> FileInfo:
         try:
             st = os.stat(self._full(path))
@@ -276,38 +297,73 @@ class FilesystemDriver(StorageDriver):
         return FileInfo(path, st.st_size, st.st_mtime, stat_mod.S_ISDIR(st.st_mode))
 
     async def list(self, path: str) -> list[str]:
-        full = self._full(path)
+        return await self._run(self._list_sync, path)
+
+    def _list_sync(self, path: str) -> list[str]:
         try:
-            names = os.listdir(full)
+            names = os.listdir(self._full(path))
         except (FileNotFoundError, NotADirectoryError):
             raise PathNotFound(path) from None
         base = path.rstrip("/")
-        return [f"{base}/{n}" for n in names if ".tmp-" not in n]
+        return [f"{base}/{n}" for n in names if not n.startswith(".")]  # dot names: ours
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def put_content(self, path: str, data: bytes, durable: bool = True,
+                          exclusive: bool = False) -> None:
+        await self._run(self._put_sync, self._full(path), data, durable, exclusive, path)
+
+    def _put_sync(self, full: str, data: bytes, durable: bool, exclusive: bool, path: str) -> None:
+        tmp = self._temp_name()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, [data])
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if exclusive:
+                _link_into(tmp, full, path)
+                os.unlink(tmp)
+            else:
+                _replace_into(tmp, full)
+        except BaseException:
+            try:
+                os.unlink(tmp)  # a full disk must not leave half an object behind
+            except FileNotFoundError:
+                pass
+            raise
+
+    async def create(self) -> FileWriter:
+        path = self._temp_name()
+        return FilesystemWriter(self, path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), True)
+
+    async def append(self, path: str) -> FileWriter:
+        full = self._full(path)
+        try:
+            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except (FileNotFoundError, NotADirectoryError):
+            raise PathNotFound(path) from None
+        return FilesystemWriter(self, full, fd, False)
 
     async def move(self, source: str, dest: str) -> None:
         await self._run(self._move_sync, self._full(source), self._full(dest), source)
 
     @staticmethod
     def _move_sync(src: str, dst: str, source: str) -> None:
-        parent = os.path.dirname(dst)
-        os.makedirs(parent, exist_ok=True)
         try:
-            os.replace(src, dst)
+            _replace_into(src, dst)
         except FileNotFoundError:
-            raise PathNotFound(source) from None
-        _fsync_dir(parent)
-
-    async def prune(self, path: str) -> None:
-        try:
-            os.rmdir(self._full(path))
-        except OSError:
-            pass  # not empty (another upload of the same digest), or gone
+            if not os.path.lexists(src):
+                raise PathNotFound(source) from None
+            raise
+        _fsync_dir(os.path.dirname(dst))
 
     async def delete(self, path: str) -> None:
         await self._run(self._delete_sync, self._full(path), path)
 
-    @staticmethod
-    def _delete_sync(full: str, path: str) -> None:
+    def _delete_sync(self, full: str, path: str) -> None:
         try:
             st = os.lstat(full)
             if not stat_mod.S_ISDIR(st.st_mode):
@@ -319,9 +375,15 @@ class FilesystemDriver(StorageDriver):
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-            # Rename first so readers never see a half-deleted tree.
-            doomed = f"{full}.tmp-{uuid.uuid4().hex}"
-            os.rename(full, doomed)
+            # Out of sight first, so readers never see a half-deleted tree (and what a crash
+            # leaves of it is a temporary, purged later).
+            doomed = self._temp_name()
+            try:
+                os.rename(full, doomed)
+            except OSError as e:
+                if e.errno != errno.EXDEV:  # the tree is on another mount: remove it where it is
+                    raise
+                doomed = full
             _remove_tree(doomed)
         except FileNotFoundError:
             raise PathNotFound(path) from None
@@ -330,5 +392,90 @@ class FilesystemDriver(StorageDriver):
                 raise PathNotFound(path) from None
             raise
 
+    # -- ownership ----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lock(self, path: str, wait: float = 0.0, shared: bool = False) -> AsyncIterator[None]:
+        full = self._full(path)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise PathNotFound(path) from None
+        try:
+            await _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, wait, path)
+            # The owner we waited for may have removed (or replaced) the object: then it is
+            # gone for us too.
+            try:
+                named = os.stat(full)
+            except (FileNotFoundError, NotADirectoryError):
+                raise PathNotFound(path) from None
+            if not _same_file(named, os.fstat(fd)):
+                raise PathNotFound(path)
+            yield
+        finally:
+            os.close(fd)  # also drops the flock
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    async def purge_temporaries(self, older_than: float) -> int:
+        return await self._run(self._purge_sync, older_than)
+
+    def _purge_sync(self, older_than: float) -> int:
+        removed = 0
+        now = time.time()
+        with os.scandir(self._temp) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if now - max(st.st_mtime, st.st_ctime) < older_than:
+                        continue  # being written, or a tree being deleted right now
+                    if entry.is_dir(follow_symlinks=False):
+                        _remove_tree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed + self._purge_legacy(now - older_than)
+
+    def _purge_legacy(self, cutoff: float) -> int:
+        """Once per data directory: temporaries an earlier regserve left beside content."""
+        marker = os.path.join(self.root, PRIVATE, "legacy-temporaries-purged")
+        if os.path.exists(marker):
+            return 0
+        removed = 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if d != PRIVATE]
+            for name in filenames:
+                if LEGACY_TEMP.fullmatch(name):
+                    full = os.path.join(dirpath, name)
+                    try:
+                        if os.lstat(full).st_mtime < cutoff:
+                            os.unlink(full)
+                            removed += 1
+                    except FileNotFoundError:
+                        continue
+        with open(marker, "w") as f:
+            f.write(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+        return removed
+
     async def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+async def _flock(fd: int, kind: int, wait: float, path: str) -> None:
+    """flock(2) without holding a thread: try, and back off on the event loop while the
+    present owner holds it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    delay = 0.002
+    while True:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Busy(path) from None
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
