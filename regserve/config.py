@@ -52,7 +52,10 @@ SCHEMA: dict[str, Any] = {
              "accesscontrol": {"policy": _S}},
     "middleware": _M,
     "http": {"addr": _S, "net": _S, "host": _S, "prefix": _S, "secret": _S, "relativeurls": _B,
-             "draintimeout": _D, "headers": _M, "sendfile": _B,  # sendfile: regserve's own
+             "draintimeout": _D, "headers": _M,
+             # regserve's own: how blobs are sent; connection timeouts and limits
+             "sendfile": _B, "maxconnections": _I,
+             "timeouts": {"readheader": _D, "idle": _D, "bodyidle": _D, "write": _D},
              "tls": {"certificate": _S, "key": _S, "clientcas": _L, "clientauth": _S,
                      "minimumtls": _S, "ciphersuites": _L, "letsencrypt": _M},
              "debug": {"addr": _S, "prometheus": {"enabled": _B, "path": _S}, "pprof": _M},
@@ -70,7 +73,8 @@ IMPLEMENTED = {
     "storage.maintenance.readonly.enabled", "storage.cache.blobdescriptor",
     "storage.cache.blobdescriptorsize", "storage.redirect.disable", "http.addr", "http.net",
     "http.host", "http.prefix", "http.secret", "http.relativeurls", "http.draintimeout",
-    "http.headers", "http.sendfile", "catalog.maxentries", "auth.htpasswd", "auth.token.realm",
+    "http.headers", "http.sendfile", "http.maxconnections", "http.timeouts", "catalog.maxentries",
+    "auth.htpasswd", "auth.token.realm",
     "auth.token.service", "auth.token.issuer", "auth.token.rootcertbundle", "auth.token.jwks",
     "auth.token.signingalgorithms", "auth.tokenserver", "auth.accesscontrol", "http.tls.certificate",
     "http.tls.key", "http.tls.clientcas", "http.tls.clientauth", "http.tls.minimumtls",
@@ -196,6 +200,15 @@ class Config:
     sendfile: bool | None = None            # None: sendfile to remote peers, copy to local ones
     drain_timeout: float = 0.0
     headers: dict[str, list[str]] = field(default_factory=dict)
+    # Connection timeouts (seconds), in the spirit of Go's http.Server: the request's headers
+    # must arrive within `readheader`; a keep-alive connection idle for `idle` is closed; a
+    # request body that sends nothing for `bodyidle`, and a download the client takes nothing
+    # of for `write`, are cut off. At most `max_connections` per worker process.
+    read_header_timeout: float = 30.0
+    idle_timeout: float = 120.0
+    body_idle_timeout: float = 60.0
+    write_timeout: float = 60.0
+    max_connections: int = 10000
     storage_driver: str = "filesystem"
     storage_params: dict[str, Any] = field(default_factory=lambda: {"rootdirectory": "./data"})
     delete_enabled: bool = False
@@ -295,6 +308,17 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     if not isinstance(headers, dict):
         raise ConfigError("http.headers: expected a mapping of header to list of values")
     c.headers = {str(k): [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in headers.items()}
+    for key, attr in (("readheader", "read_header_timeout"), ("idle", "idle_timeout"),
+                      ("bodyidle", "body_idle_timeout"), ("write", "write_timeout")):
+        value = _get(doc, f"http.timeouts.{key}")
+        if value is not None:
+            seconds = parse_duration(value, f"http.timeouts.{key}")
+            if seconds <= 0:
+                raise ConfigError(f"http.timeouts.{key}: must be more than zero")
+            setattr(c, attr, seconds)
+    c.max_connections = int(_get(doc, "http.maxconnections", c.max_connections))
+    if c.max_connections < 1:
+        raise ConfigError("http.maxconnections: must be at least 1")
     c.storage_driver = driver
     c.storage_params = dict(storage.get(driver) or {})
     if driver == "filesystem":

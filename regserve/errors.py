@@ -1,4 +1,8 @@
-"""Registry errors, named by the spec's error codes. The HTTP layer maps them to statuses."""
+"""Registry errors, named by the spec's error codes. The HTTP layer maps them to statuses.
+
+Every code is one of the fourteen the OCI Distribution Spec allows ("The code field MUST be one
+of the following"); conditions the spec has no code for borrow the closest one, and say what
+happened in their message."""
 
 from __future__ import annotations
 
@@ -9,9 +13,11 @@ class RegistryError(Exception):
     code = "UNKNOWN"
     message = "unknown error"
 
-    def __init__(self, detail: Any = None, message: str | None = None) -> None:
+    def __init__(self, detail: Any = None, message: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message or self.message)
         self.detail = detail
+        self.headers = headers or {}  # for the HTTP answer (Content-Range of a 416, say)
         if message:
             self.message = message
 
@@ -77,7 +83,7 @@ class SizeInvalid(RegistryError):
 
 
 class TagInvalid(RegistryError):
-    code, message = "TAG_INVALID", "manifest tag did not match URI"
+    code, message = "MANIFEST_INVALID", "invalid tag"  # distribution's TAG_INVALID is not the spec's
 
 
 class Unsupported(RegistryError):
@@ -89,7 +95,20 @@ class ReadOnly(Unsupported):
 
 
 class PaginationInvalid(RegistryError):
-    code, message = "PAGINATION_NUMBER_INVALID", "invalid number of results requested"
+    code, message = "UNSUPPORTED", "invalid number of results requested"  # 400, not 405
+
+
+class RangeNotSatisfiable(RegistryError):
+    code, message = "UNSUPPORTED", "requested range not satisfiable"  # 416 on a blob GET
+
+
+class NoSuchEndpoint(RegistryError):
+    code, message = "UNSUPPORTED", "no such endpoint"  # 404
+
+
+class MalformedRequest(RegistryError):
+    """What the HTTP parser or the router could make nothing of."""
+    code, message = "UNSUPPORTED", "malformed request"
 
 
 class Unauthorized(RegistryError):

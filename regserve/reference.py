@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import DigestInvalid, NameInvalid, TagInvalid, Unsupported
+from .errors import DigestInvalid, NameInvalid, TagInvalid
 
 COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"  # of a repository name
 NAME_RE = re.compile(rf"{COMPONENT}(?:/{COMPONENT})*")
@@ -26,17 +26,22 @@ class Digest:
         return f"{self.algorithm}:{self.hex}"
 
 
+class UnknownAlgorithm(DigestInvalid):
+    """A digest of the spec's grammar, of an algorithm this registry does not store: nothing can
+    exist under it (GET, HEAD and DELETE answer 404), and nothing can be verified with it (400)."""
+
+
 def parse_digest(value: str) -> Digest:
-    """A digest of a supported algorithm; DIGEST_INVALID otherwise (UNSUPPORTED for unknown algorithms)."""
+    """A digest of a supported algorithm; DIGEST_INVALID otherwise."""
     m = DIGEST_RE.fullmatch(value or "")
     if not m:
-        raise DigestInvalid({"digest": value}, "invalid digest")
+        raise DigestInvalid({"digest": value[:200] if isinstance(value, str) else None}, "invalid digest")
     algorithm, encoded = m.groups()
     pattern = ALGORITHMS.get(algorithm)
     if pattern is None:
-        raise Unsupported({"digest": value}, f"unsupported digest algorithm {algorithm!r}")
+        raise UnknownAlgorithm({"digest": value[:200]}, f"unsupported digest algorithm {algorithm[:40]!r}")
     if not pattern.fullmatch(encoded):
-        raise DigestInvalid({"digest": value}, "invalid digest")
+        raise DigestInvalid({"digest": value[:200]}, "invalid digest")
     return Digest(algorithm, encoded)
 
 

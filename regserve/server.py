@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import random
+import resource
 import signal
 import socket
 import ssl
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from .api.app import RUNNER_OPTIONS, make_app, make_registry
 from .config import TLS_CLIENT_AUTH, TLS_VERSIONS, Config
+from .connections import Limits, RegistryRunner
 
 log = logging.getLogger("regserve")
 
@@ -59,6 +61,20 @@ def tune_malloc() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
     except (OSError, AttributeError):
         pass  # not glibc: its allocator has its own policy
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: every connection and every blob being
+    sent or received holds a descriptor, and the usual soft default (1024) is far below what
+    the connection limit allows. Returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def setup_logging(config: Config) -> None:
@@ -102,8 +118,9 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 async def serve(config: Config, sock: socket.socket, purge: bool = True) -> None:
     app = make_app(config, make_registry(config))
-    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
-                           **RUNNER_OPTIONS)
+    runner = RegistryRunner(app, Limits.of(config),
+                            access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
+                            **RUNNER_OPTIONS)
     await runner.setup()
     site = web.SockSite(runner, sock, shutdown_timeout=config.drain_timeout or 5.0,
                         ssl_context=tls_context(config))
@@ -146,6 +163,9 @@ def check(config: Config) -> None:
 def run(config: Config, workers: int = 1) -> None:
     setup_logging(config)
     tune_malloc()
+    files = raise_open_files_limit()
+    if files < 2 * config.max_connections:
+        log.warning("open files limit %d is low for http.maxconnections %d", files, config.max_connections)
     check(config)
     host, port = parse_addr(config.addr)
     # Bound, not yet listening: it reserves the port (and resolves port 0). Only listening

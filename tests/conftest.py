@@ -21,6 +21,8 @@ from aiohttp.test_utils import TestServer
 from regserve import config as config_mod
 from regserve.api import make_app
 from regserve.api.app import RUNNER_OPTIONS
+from regserve.api.common import CONFIG_KEY
+from regserve.connections import Limits, RegistryRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -54,11 +56,14 @@ def app_factory(data_dir: Path):
 
 
 class RegserveTestServer(TestServer):
-    """An app served with the runner options `regserve serve` uses (aiohttp's TestServer asks
-    for handler_cancellation=True; ours win)."""
+    """An app served as `regserve serve` serves it: the same runner, connection limits and
+    options (aiohttp's TestServer asks for handler_cancellation=True; ours win)."""
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return web.AppRunner(self.app, **{**kwargs, **RUNNER_OPTIONS})
+        config = self.app.get(CONFIG_KEY)
+        limits = Limits.of(config) if config is not None else Limits()
+        kwargs.pop("keepalive_timeout", None)
+        return RegistryRunner(self.app, limits, **{**kwargs, **RUNNER_OPTIONS})
 
 
 @pytest.fixture

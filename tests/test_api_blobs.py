@@ -63,6 +63,7 @@ async def test_unsatisfiable_range(pushed, header):
     r = await pushed.get(f"/v2/foo/blobs/{BIG_DIGEST}", headers={"Range": header})
     assert r.status == 416
     assert r.headers["Content-Range"] == f"bytes */{len(BIG)}"
+    assert (await r.json())["errors"][0]["code"] == "UNSUPPORTED"
 
 
 async def test_if_range_mismatch_serves_whole_blob(pushed):
@@ -138,22 +139,26 @@ async def slots_released() -> None:
 
 
 class PathSpy:
-    """Wraps the two download paths: `used` lists the ones that ran, in order; those named in
-    `hold` first wait for `release`. Each still does its work."""
+    """Wraps the two download paths: `used` lists the ones that downloads took, in order (once
+    per download, whatever its number of bursts); those named in `hold` first wait for `release`.
+    Each still does its work."""
 
     def __init__(self, monkeypatch, hold: tuple[str, ...] = ()) -> None:
         self.used: list[str] = []
         self.started, self.release, self.finished = (threading.Event() for _ in range(3))
+        seen: set[int] = set()
         for name in ("_copy_blocking", "_sendfile_blocking"):
             real = getattr(sendfile, name)
 
-            def spy(*args, _real=real, _name=name):
+            def spy(transfer, _real=real, _name=name):
                 self.started.set()
                 try:
-                    if _name in hold:
-                        assert self.release.wait(10)
-                    self.used.append(_name)
-                    return _real(*args)
+                    if id(transfer) not in seen:
+                        seen.add(id(transfer))
+                        if _name in hold:
+                            assert self.release.wait(10)
+                        self.used.append(_name)
+                    return _real(transfer)
                 finally:
                     self.finished.set()
             monkeypatch.setattr(sendfile, name, spy)

@@ -206,9 +206,21 @@ async def test_malformed_digest(client, bad):
 
 
 async def test_unsupported_digest_algorithm(client):
-    r = await client.post("/v2/foo/blobs/uploads/?digest=md5:" + "0" * 32, data=b"x")
-    assert r.status == 405 or r.status == 400
-    assert err_code(await r.json()) in ("UNSUPPORTED", "DIGEST_INVALID")
+    """An algorithm this registry does not verify: the upload is refused as an invalid digest
+    (400), and nothing can exist under such a digest (404)."""
+    md5 = "md5:" + "0" * 32
+    r = await client.post(f"/v2/foo/blobs/uploads/?digest={md5}", data=b"x")
+    assert r.status == 400 and err_code(await r.json()) == "DIGEST_INVALID"
+    for method in ("GET", "HEAD", "DELETE"):
+        r = await client.request(method, f"/v2/foo/blobs/{md5}")
+        assert r.status == 404
+        if method != "HEAD":
+            assert err_code(await r.json()) == "BLOB_UNKNOWN"
+    for method in ("GET", "DELETE"):
+        r = await client.request(method, f"/v2/foo/manifests/{md5}")
+        assert r.status == 404 and err_code(await r.json()) == "MANIFEST_UNKNOWN"
+    r = await client.get(f"/v2/foo/referrers/{md5}")
+    assert r.status == 400 and err_code(await r.json()) == "DIGEST_INVALID"
 
 
 @pytest.mark.parametrize("name", ["UPPER", "a//b", "-a", "a-", "a/.b", "a__-b", "x" * 256])

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import AsyncIterator
 
 from aiohttp import web
 
-from ..errors import BlobUnknown
-from ..reference import parse_digest
+from ..errors import BlobUnknown, RangeNotSatisfiable
+from ..reference import Digest, UnknownAlgorithm, parse_digest
 from ..storage import PathNotFound
 from .auth import requires
 from .common import CONFIG_KEY, registry, repository
 from .sendfile import hang_up, send_file
 
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE_RE = re.compile(r"bytes=(\d{0,30})-(\d{0,30})")  # longer numbers: malformed, so ignored
+
+
+def blob_digest(request: web.Request) -> Digest:
+    """The digest in a blob path: DIGEST_INVALID when malformed; a well-formed digest of an
+    algorithm not stored here names no blob (404)."""
+    value = request.match_info["digest"]
+    try:
+        return parse_digest(value)
+    except UnknownAlgorithm:
+        raise BlobUnknown({"digest": value}) from None
 
 
 def _byte_range(header: str, size: int) -> tuple[int, int] | None:
@@ -41,7 +52,7 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
 @requires("pull")
 async def get_blob(request: web.Request) -> web.StreamResponse:
     repo = repository(request)
-    d = parse_digest(request.match_info["digest"])
+    d = blob_digest(request)
     info = await repo.blobs.stat(d)
     etag = f'"{d}"'
     headers = {"Docker-Content-Digest": str(d), "ETag": etag, "Accept-Ranges": "bytes",
@@ -55,8 +66,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         try:
             chosen = _byte_range(range_header, info.size)
         except ValueError:
-            headers["Content-Range"] = f"bytes */{info.size}"
-            return web.Response(status=416, headers=headers)
+            raise RangeNotSatisfiable({"range": range_header, "size": info.size},
+                                      headers={"Content-Range": f"bytes */{info.size}"}) from None
         if chosen is not None:
             start, end = chosen
             status = 206
@@ -66,29 +77,34 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     local = store.local_path(info)
     count = end - start + 1 if info.size else 0
     tls = request.transport is not None and request.transport.get_extra_info("sslcontext")
+    config = request.app[CONFIG_KEY]
     try:
         if local is not None and not tls:  # TLS: the bytes must pass through us, no sendfile
-            return await send_file(request, response, local, start, count,
-                                   request.app[CONFIG_KEY].sendfile)
-        return await _stream(request, response, store.reader(info, start, count), count)
+            return await send_file(request, response, local, start, count, config.sendfile,
+                                   config.write_timeout)
+        return await _stream(request, response, store.reader(info, start, count), count,
+                             config.write_timeout)
     except (FileNotFoundError, PathNotFound):  # gone since stat: nothing was sent yet
         store.forget(d)
         raise BlobUnknown({"digest": str(d)}) from None
 
 
 async def _stream(request: web.Request, response: web.StreamResponse, chunks: AsyncIterator[bytes],
-                  count: int) -> web.StreamResponse:
+                  count: int, write_timeout: float) -> web.StreamResponse:
     """Send a blob from the storage driver's ranged reader. The first chunk is read before the
-    headers go out, so a missing object still answers 404."""
+    headers go out, so a missing object still answers 404. A client that takes nothing of a
+    chunk for `write_timeout` is dropped."""
     first = await anext(chunks, b"") if count and request.method != "HEAD" else b""
     response.content_length = count
     await response.prepare(request)
     if first:
         try:
-            await response.write(first)
+            async with asyncio.timeout(write_timeout):
+                await response.write(first)
             async for chunk in chunks:
-                await response.write(chunk)
-        except OSError as err:
+                async with asyncio.timeout(write_timeout):
+                    await response.write(chunk)
+        except OSError as err:  # TimeoutError included
             return hang_up(request, response, err)
     await response.write_eof()
     return response
@@ -98,7 +114,7 @@ async def _stream(request: web.Request, response: web.StreamResponse, chunks: As
 async def delete_blob(request: web.Request) -> web.Response:
     registry(request).check_deletable()
     repo = repository(request)
-    d = parse_digest(request.match_info["digest"])
+    d = blob_digest(request)
     await repo.blobs.unlink(d)
     return web.Response(status=202, headers={"Docker-Content-Digest": str(d), "Content-Length": "0"})
 

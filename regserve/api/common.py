@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import re
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import StreamReader, web
 
@@ -15,9 +16,11 @@ from ..registry import Registry, Repository
 from ..registry.uploads import ChunkRange
 
 REGISTRY_KEY = web.AppKey("registry", Registry)
+BODY_KEY = web.RequestKey("body", object)  # the RequestBody being read, for the watchdog
 CONFIG_KEY = web.AppKey("config", Config)
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
-_CONTENT_RANGE_RE = re.compile(r"(?:bytes[= ])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
+# Offsets of 19 digits and fewer (a signed 64-bit number, as distribution parses them)
+_CONTENT_RANGE_RE = re.compile(r"(?:bytes[= ])?(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?")
 READ_CHUNK = 1 << 20
 
 
@@ -54,19 +57,50 @@ def blob_location(request: web.Request, name: str, d: Digest) -> str:
 _TAKES_PIECES = all(hasattr(StreamReader, name) for name in ("_buffer", "_read_nowait_chunk"))
 
 
-async def body_pieces(request: web.Request) -> AsyncIterator[list[bytes]]:
+class RequestBody:
     """The request body as it arrives: the pieces received by each wake-up; never buffered
-    whole."""
-    content = request.content
-    if not _TAKES_PIECES:
-        while data := await content.readany():
-            yield [data]
-        return
-    while first := await _first_piece(content):
-        pieces = [first]
-        while content._buffer:  # what readany() would join
-            pieces.append(content._read_nowait_chunk(-1))
-        yield pieces
+    whole. A consumer that holds resources for the stream (staging buffers) may set `on_idle`:
+    the connection's watchdog calls `idle()` once the client has sent nothing for a while, and
+    the consumer gives them back until more arrives (connections.py)."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._content = request.content
+        self.on_idle: Callable[[], Awaitable[None]] | None = None
+        self._signalled = False
+        request[BODY_KEY] = self
+
+    def __aiter__(self) -> AsyncIterator[list[bytes]]:
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[list[bytes]]:
+        content = self._content
+        if not _TAKES_PIECES:
+            while data := await content.readany():
+                self._signalled = False
+                yield [data]
+                data = b""  # not kept while waiting for more
+            return
+        while first := await _first_piece(content):
+            self._signalled = False
+            pieces = [first]
+            first = b""
+            while content._buffer:  # what readany() would join
+                pieces.append(content._read_nowait_chunk(-1))
+            yield pieces
+            pieces = []  # the consumer has them: not kept while waiting for more
+
+    def idle(self) -> bool:
+        """The client has sent nothing for a while: tell the consumer, once per such pause.
+        Whether it was told now."""
+        if self.on_idle is None or self._signalled:
+            return False
+        self._signalled = True
+        asyncio.ensure_future(self.on_idle())
+        return True
+
+
+def body_pieces(request: web.Request) -> RequestBody:
+    return RequestBody(request)
 
 
 async def _first_piece(content: StreamReader) -> bytes:

@@ -1,11 +1,15 @@
-"""Blob downloads from a worker thread: zero-copy sendfile, or a copy for a peer on this host.
+"""Blob downloads from worker threads: zero-copy sendfile, or a copy for a peer on this host.
 
 uvloop has no loop.sendfile, and aiohttp's fallback copies the file through Python. Instead a
 worker thread sends on a dup of the connection's socket (the dup keeps the socket alive even if
-the event loop closes its own descriptor), waiting for writability with poll(2) when the socket
-buffer is full. The event loop does nothing per byte.
+the event loop closes its own descriptor), in bursts: a burst sends until the download is done or
+the socket's buffer is full, and then the thread goes back to the pool. The event loop waits for
+the socket to take more (add_writer on the dup), holding no thread, for at most the write timeout
+(http.timeouts.write): a client that takes nothing for that long is dropped. So clients that never
+read cost a descriptor and a little memory each, never a thread: the pool stays free for the
+downloads that move bytes. The event loop does nothing per byte.
 
-How the thread sends depends on the peer (`http.sendfile` forces either way):
+How a download is sent depends on the peer (`http.sendfile` forces either way):
 * A remote peer gets sendfile: the NIC reads the page cache and the server copies nothing.
 * A peer on this host (a proxy or a client: a loopback address, or our own address on the
   connection) gets pread+write in 4 MiB steps. There the receiver's copy out of the socket is
@@ -19,7 +23,7 @@ How the thread sends depends on the peer (`http.sendfile` forces either way):
 * Bodies under COPY_MIN use sendfile too: a copy's setup is not repaid on them (range_get, 16
   concurrent 1 MiB ranges: 3.60x with sendfile, 2.81x when they could take the copy slots).
 
-The socket is corked (TCP_CORK) while the thread sends, so that the kernel sends only full
+The socket is corked (TCP_CORK) while the download is sent, so that the kernel sends only full
 segments; uncorking at the end sends the rest. Without it the page-by-page splicing of sendfile
 leaves partial segments: on loopback here 1.9-2.0 GB/s uncorked, 2.6-2.9 GB/s corked
 (a bare sendfile loop, 256 MiB cached file, 8 transfers each).
@@ -32,21 +36,20 @@ import ipaddress
 import logging
 import mmap
 import os
-import select
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from aiohttp import web
 
 log = logging.getLogger("regserve.download")
-STALL_TIMEOUT_MS = 120_000  # a client that takes nothing for this long is dropped
 SMALL = 64 << 10           # below this a read+write beats a thread handoff
-SENDFILE_STEP = 4 << 20     # per sendfile call, as Go does: the thread re-checks the socket often
+SENDFILE_STEP = 4 << 20     # per sendfile call, as Go does
 COPY_STEP = 4 << 20         # per pread+write when copying: 1 MiB steps were 15% slower
 COPY_SLOTS = 2              # copying downloads per process at once
 COPY_MIN = 8 << 20          # smaller bodies go by sendfile even to a local peer (see below)
-_pool = ThreadPoolExecutor(max_workers=128, thread_name_prefix="sendfile")
+# Threads only run while bytes move (or the disk is read), so a few per core serve any number
+# of downloads.
+_pool = ThreadPoolExecutor(max_workers=max(16, 4 * (os.cpu_count() or 1)), thread_name_prefix="sendfile")
 _copying = 0                # downloads copying now (changed on the event loop only)
 _MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 
@@ -55,62 +58,72 @@ class BlobTruncated(OSError):
     """The blob's file ended before the bytes promised in Content-Length."""
 
 
-def _wait_writable(poller: select.poll) -> None:
-    if not poller.poll(STALL_TIMEOUT_MS):
-        raise ConnectionResetError("client stalled")
+class Transfer:
+    """One download's progress, across the bursts that send it. It owns `conn` and `file_fd`
+    (duplicates made for it) and releases them, on the event loop, only when no burst runs:
+    were they closed under a thread still sending, their numbers, reused by new connections or
+    files, would receive this blob's bytes."""
 
+    def __init__(self, conn: socket.socket, file_fd: int, offset: int, count: int, copy: bool) -> None:
+        self.conn, self.file_fd, self.offset, self.count, self.copy = conn, file_fd, offset, count, copy
+        self._mapping: mmap.mmap | None = None
+        self._buffer: memoryview | None = None
+        self._pending = 0  # bytes read into the buffer and not sent yet (copying)
+        self._sent_from = 0
 
-def _sendfile_blocking(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
-    poller = select.poll()
-    poller.register(sock_fd, select.POLLOUT)
-    while count > 0:
+    def burst(self) -> bool:
+        """In a worker thread: send until done (True) or the socket is full (False)."""
+        return (_copy_blocking if self.copy else _sendfile_blocking)(self)
+
+    def release(self) -> None:
         try:
-            sent = os.sendfile(sock_fd, file_fd, offset, min(count, SENDFILE_STEP))
-        except BlockingIOError:
-            _wait_writable(poller)
-            continue
-        if sent == 0:
-            raise BlobTruncated("blob shorter than expected")
-        offset += sent
-        count -= sent
-
-
-def _copy_blocking(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
-    poller = select.poll()
-    poller.register(sock_fd, select.POLLOUT)
-    # A mapping of its own, unmapped at the end: a heap buffer this large would stay in the
-    # process after the download (server.tune_malloc keeps freed memory for reuse).
-    with mmap.mmap(-1, min(COPY_STEP, count), flags=_MAP_FLAGS) as mapping, \
-            memoryview(mapping) as buffer:
-        while count > 0:
-            read = os.preadv(file_fd, [buffer[:min(count, len(buffer))]], offset)
-            if read == 0:
-                raise BlobTruncated("blob shorter than expected")
-            sent = 0
-            while sent < read:
-                try:
-                    sent += os.write(sock_fd, buffer[sent:read])
-                except BlockingIOError:
-                    _wait_writable(poller)
-            offset += read
-            count -= read
-
-
-def _send_and_release(send: Callable[[int, int, int, int], None], conn: socket.socket,
-                      file_fd: int, offset: int, count: int) -> None:
-    """Run `send` in the worker thread, which owns `conn` and `file_fd` (duplicates made for
-    it): it uncorks and closes them when done. Were the event loop to close them, a cancelled
-    request could close them under a thread still sending, and their numbers, reused by new
-    connections or files, would receive this blob's bytes."""
-    try:
-        send(conn.fileno(), file_fd, offset, count)
-    finally:
-        try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)  # sends the last segment
+            self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)  # sends the last segment
         except OSError:
             pass  # the connection is gone
-        conn.close()
-        os.close(file_fd)
+        self.conn.close()
+        os.close(self.file_fd)
+        if self._mapping is not None:
+            # A mapping of its own, unmapped at the end: a heap buffer this large would stay in
+            # the process after the download (server.tune_malloc keeps freed memory for reuse).
+            self._buffer.release()  # type: ignore[union-attr]
+            self._mapping.close()
+
+
+def _sendfile_blocking(t: Transfer) -> bool:
+    sock_fd = t.conn.fileno()
+    while t.count > 0:
+        try:
+            sent = os.sendfile(sock_fd, t.file_fd, t.offset, min(t.count, SENDFILE_STEP))
+        except BlockingIOError:
+            return False
+        if sent == 0:
+            raise BlobTruncated("blob shorter than expected")
+        t.offset += sent
+        t.count -= sent
+    return True
+
+
+def _copy_blocking(t: Transfer) -> bool:
+    sock_fd = t.conn.fileno()
+    if t._buffer is None:
+        t._mapping = mmap.mmap(-1, min(COPY_STEP, t.count), flags=_MAP_FLAGS)
+        t._buffer = memoryview(t._mapping)
+    buffer = t._buffer
+    while t.count > 0 or t._pending:
+        if not t._pending:
+            read = os.preadv(t.file_fd, [buffer[:min(t.count, len(buffer))]], t.offset)
+            if read == 0:
+                raise BlobTruncated("blob shorter than expected")
+            t.offset += read
+            t.count -= read
+            t._pending, t._sent_from = read, 0
+        try:
+            sent = os.write(sock_fd, buffer[t._sent_from:t._sent_from + t._pending])
+        except BlockingIOError:
+            return False
+        t._sent_from += sent
+        t._pending -= sent
+    return True
 
 
 def _address(name: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -135,7 +148,8 @@ def peer_is_local(transport: asyncio.BaseTransport) -> bool:
 
 
 async def send_file(request: web.Request, response: web.StreamResponse, path: str,
-                    offset: int, count: int, use_sendfile: bool | None = None) -> web.StreamResponse:
+                    offset: int, count: int, use_sendfile: bool | None = None,
+                    write_timeout: float = 60.0) -> web.StreamResponse:
     """Send `count` bytes of the file at `path` from `offset` as the response body. Raises
     FileNotFoundError before anything is sent if the file is gone. `use_sendfile` is the
     http.sendfile setting: None chooses by the peer (see the module's docstring)."""
@@ -147,10 +161,11 @@ async def send_file(request: web.Request, response: web.StreamResponse, path: st
             if request.method == "HEAD" or count == 0:
                 pass
             elif count <= SMALL:
-                await response.write(os.pread(file_fd, count, offset))
+                async with asyncio.timeout(write_timeout):
+                    await response.write(os.pread(file_fd, count, offset))
             else:
-                await _send_large(request, file_fd, offset, count, use_sendfile)
-        except OSError as err:
+                await _send_large(request, file_fd, offset, count, use_sendfile, write_timeout)
+        except (OSError, TimeoutError) as err:
             return hang_up(request, response, err)
         await response.write_eof()
         return response
@@ -160,9 +175,11 @@ async def send_file(request: web.Request, response: web.StreamResponse, path: st
 
 def hang_up(request: web.Request, response: web.StreamResponse, err: OSError) -> web.StreamResponse:
     """A body that failed after its headers went out: the client must not take what it got for
-    the whole, so the connection is dropped. A client that went away is no error of ours."""
-    if isinstance(err, ConnectionError):
-        log.debug("%s %s: the client went away mid-body: %s", request.method, request.path, err)
+    the whole, so the connection is dropped. A client that went away, or stopped reading, is no
+    error of ours."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        log.debug("%s %s: the client went away or stopped reading mid-body: %r", request.method,
+                  request.path, err)
     else:
         log.error("%s %s: body cut short: %s", request.method, request.path, err)
     response.force_close()
@@ -172,7 +189,7 @@ def hang_up(request: web.Request, response: web.StreamResponse, err: OSError) ->
 
 
 async def _send_large(request: web.Request, file_fd: int, offset: int, count: int,
-                      use_sendfile: bool | None) -> None:
+                      use_sendfile: bool | None, write_timeout: float) -> None:
     global _copying
     transport = request.transport
     if transport is None:
@@ -188,20 +205,46 @@ async def _send_large(request: web.Request, file_fd: int, offset: int, count: in
     conn = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
     try:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-        thread_file_fd = os.dup(file_fd)
+        transfer = Transfer(conn, os.dup(file_fd), offset, count, copy)
     except OSError:
         conn.close()
         raise
-    send = _copy_blocking if copy else _sendfile_blocking
+    loop = asyncio.get_running_loop()
     _copying += copy
+    running: asyncio.Future[bool] | None = None
     try:
-        await asyncio.get_running_loop().run_in_executor(
-            _pool, _send_and_release, send, conn, thread_file_fd, offset, count)
+        while True:
+            running = loop.run_in_executor(_pool, transfer.burst)
+            if await asyncio.shield(running):
+                break
+            running = None
+            await _writable(loop, conn.fileno(), write_timeout)
     except asyncio.CancelledError:
-        try:
-            conn.shutdown(socket.SHUT_RDWR)  # ends the thread's sending promptly
-        except OSError:
-            pass  # the thread has finished and closed it
+        if running is not None and not running.done():  # the burst goes on in its thread:
+            try:
+                transfer.conn.shutdown(socket.SHUT_RDWR)  # it ends promptly,
+            except OSError:
+                pass
+            running.add_done_callback(lambda _: transfer.release())  # and releases after
+            running = transfer = None  # type: ignore[assignment]
         raise
     finally:
         _copying -= copy
+        if transfer is not None:
+            transfer.release()
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
+    """Until the socket takes more; TimeoutError after `timeout` seconds."""
+    ready = loop.create_future()
+    loop.add_writer(fd, _settle, ready)
+    try:
+        async with asyncio.timeout(timeout):
+            await ready
+    finally:
+        loop.remove_writer(fd)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

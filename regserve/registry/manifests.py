@@ -243,7 +243,10 @@ class Manifests:
         """The digest a reference names in this repository. A tag that cannot exist (bad
         grammar) is simply unknown: GET/HEAD/DELETE answer 404, only PUT says TAG_INVALID."""
         if is_digest(reference):
-            d = parse_digest(reference)
+            try:
+                d = parse_digest(reference)
+            except DigestInvalid:  # no manifest can exist under it
+                raise ManifestUnknown({"reference": reference}) from None
         elif not TAG_RE.fullmatch(reference):
             raise ManifestUnknown({"reference": reference})
         else:

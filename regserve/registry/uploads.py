@@ -25,8 +25,9 @@ LOCK_WAIT_SECONDS (a retried PATCH behind one still draining), then gets BLOB_UP
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
-import queue
+import os
 import re
 import threading
 import uuid
@@ -49,7 +50,12 @@ IN_FLIGHT_BYTES = 20 << 20    # received, not written yet: bounds memory, and th
 WRITE_GATHER_BYTES = 8 << 20  # at most this much of what is ready is written with one call
 CHECKPOINT_BYTES = 256 << 20     # hash state saved this often within one long request
 LOCK_WAIT_SECONDS = 10.0      # a request waits this long for the session's present owner
-_hash_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hash")  # resume/fallback re-hash
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+# Every upload of the process shares these: hashing is CPU work, one thread a core; writing
+# waits for the device, so a few more.
+_HASHING = ThreadPoolExecutor(max_workers=_CORES, thread_name_prefix="upload-hash")
+_WRITING = ThreadPoolExecutor(max_workers=2 * _CORES + 2, thread_name_prefix="upload-write")
+_hash_pool = ThreadPoolExecutor(max_workers=_CORES, thread_name_prefix="hash")  # resume/fallback re-hash
 
 
 @dataclass(frozen=True)
@@ -73,55 +79,119 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher],
                       checkpoint: Callable[[], Awaitable[None]] | None = None) -> None:
     """Hash and write a body (pieces, as they arrive). `checkpoint` (saving the hash state) runs
     every CHECKPOINT_BYTES and at the end, also when the client goes away mid-body: every byte
-    that arrived is kept."""
+    that arrived is kept. A body that says its client went quiet (`on_idle`, see
+    api.common.RequestBody) gets everything received so far written, and the writer's staging
+    buffers given back, until more arrives."""
     pipe: _Pipeline | None = None  # threads start once the body outgrows one batch
     batch: list[bytes] = []
     batched = 0
     since_checkpoint = 0
     checkpointed = False  # and nothing arrived since: the state on disk is already the last one
+    handing = asyncio.Lock()  # one of the loop and the idle hook hands batches over at a time
+
+    async def hand_over() -> None:
+        nonlocal pipe, batch, batched, since_checkpoint
+        if pipe is None:
+            pipe = _Pipeline(writer, hashers)
+        pending, nbytes = batch, batched
+        batch, batched = [], 0
+        await pipe.submit(pending, nbytes)
+        since_checkpoint += nbytes
+
+    async def on_idle() -> None:
+        async with handing:
+            try:
+                if batch:
+                    await hand_over()
+                if pipe is not None:
+                    await pipe.drain()
+            except Exception:  # noqa: BLE001 - the stream meets the same error next, and raises it
+                return
+            writer.release_staging()
+
+    if hasattr(body, "on_idle"):
+        body.on_idle = on_idle
     try:
         async for pieces in body:
             batch += pieces
             batched += sum(map(len, pieces))
+            del pieces  # held by `batch` alone, which is handed over when the client goes quiet
             checkpointed = checkpointed and not batched
             if batched >= BATCH_BYTES:
-                if pipe is None:
-                    pipe = _Pipeline(writer, hashers)
-                await pipe.submit(batch, batched)
-                since_checkpoint += batched
-                batch, batched = [], 0
-                if checkpoint is not None and since_checkpoint >= CHECKPOINT_BYTES:
-                    await pipe.drain()
-                    await checkpoint()
-                    since_checkpoint, checkpointed = 0, True
+                async with handing:
+                    await hand_over()
+                    if checkpoint is not None and since_checkpoint >= CHECKPOINT_BYTES:
+                        assert pipe is not None
+                        await pipe.drain()
+                        await checkpoint()
+                        since_checkpoint, checkpointed = 0, True
     finally:
+        if hasattr(body, "on_idle"):
+            body.on_idle = None
+
         async def settle() -> None:
-            if pipe is None:
-                if batch:  # a small body: inline, no threads
-                    _hash_batch(hashers, batch)
-                    await writer.write(batch)
-            else:
-                try:
-                    if batch:
-                        await pipe.submit(batch, batched)
-                finally:
+            async with handing:
+                if pipe is None:
+                    if batch:  # a small body: inline, no threads
+                        _hash_batch(hashers, batch)
+                        await writer.write(batch)
+                else:
                     try:
-                        await pipe.drain()  # even after an error: no thread may outlive the writer
+                        if batch:
+                            await pipe.submit(batch, batched)
                     finally:
-                        pipe.close()
-            if checkpoint is not None and not checkpointed:
-                await checkpoint()
+                        await pipe.drain()  # even after an error: no thread may outlive the writer
+                if checkpoint is not None and not checkpointed:
+                    await checkpoint()
         await to_the_end(settle())  # the caller closes the writer next
 
 
+class _Serial:
+    """Work items run in order, one at a time, on a shared pool. An upload's hashing (or
+    writing) holds a pool thread while it has work and none while it waits for its client, so
+    uploads cost threads by the cores, not by their number, and a stalled one costs none. A
+    busy stream gives its thread up every TURN items, so that others get their turn."""
+
+    TURN = 16
+
+    def __init__(self, pool: ThreadPoolExecutor, work: Callable[[Any], None]) -> None:
+        self._pool, self._work = pool, work
+        self._items: collections.deque[Any] = collections.deque()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def put(self, item: Any) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._running:
+                return
+            self._running = True
+        self._pool.submit(self._run)
+
+    def take(self) -> Any:
+        """The next item, if one is waiting (for the work to gather it), else None."""
+        with self._lock:
+            return self._items.popleft() if self._items else None
+
+    def _run(self) -> None:
+        for _ in range(self.TURN):
+            with self._lock:
+                if not self._items:
+                    self._running = False
+                    return
+                item = self._items.popleft()
+            self._work(item)
+        self._pool.submit(self._run)
+
+
 class _Pipeline:
-    """Hashing and writing of one stream in two threads, overlapping each other and the event
-    loop's reading of the next batch. The loop stages each batch with the writer (copying it
-    into aligned buffers, for direct I/O), the hashing thread hashes what was staged, the
-    writing thread writes it. Batches pass through queues; the loop is woken only when it must
-    wait, or at the end. It waits before staging a batch that would leave more than
-    IN_FLIGHT_BYTES not written yet (bounding memory whatever the blob size; the slack absorbs
-    the device's slow moments), until half of that is written."""
+    """Hashing and writing of one stream, overlapping each other and the event loop's reading
+    of the next batch. The loop stages each batch with the writer (copying it into aligned
+    buffers, for direct I/O), a hashing thread hashes what was staged, a writing thread writes
+    it: threads of two pools every upload of the process shares (`_Serial`). The loop is woken
+    only when it must wait, or at the end. It waits before staging a batch that would leave more
+    than IN_FLIGHT_BYTES not written yet (bounding memory whatever the blob size; the slack
+    absorbs the device's slow moments), until half of that is written."""
 
     def __init__(self, writer: FileWriter, hashers: list[hashstate.Hasher]) -> None:
         self.loop = asyncio.get_running_loop()
@@ -131,41 +201,32 @@ class _Pipeline:
         self._lock = threading.Lock()
         self._waiter: asyncio.Future[None] | None = None
         self._wake_below = 0  # the waiter is woken when fewer bytes than this are unwritten
-        self._to_hash: queue.SimpleQueue[tuple[Sequence[Any], Sequence[Any], int] | None] = queue.SimpleQueue()
-        self._to_write: queue.SimpleQueue[tuple[Sequence[Any], int] | None] = queue.SimpleQueue()
-        threading.Thread(target=self._hash, daemon=True, name="upload-hash").start()
-        threading.Thread(target=self._write, daemon=True, name="upload-write").start()
+        self._hashing = _Serial(_HASHING, self._hash)
+        self._writing = _Serial(_WRITING, self._write)
 
-    def _hash(self) -> None:
-        while (item := self._to_hash.get()) is not None:
-            data, staged, nbytes = item
-            if self.error is None:  # after an error, batches are only counted off
-                try:
-                    _hash_batch(self.hashers, data)
-                except BaseException as e:  # noqa: BLE001 - handed to the request
-                    self._fail(e)
-            self._to_write.put((staged, nbytes))
-        self._to_write.put(None)
+    def _hash(self, item: tuple[Sequence[Any], Sequence[Any], int]) -> None:
+        data, staged, nbytes = item
+        if self.error is None:  # after an error, batches are only counted off
+            try:
+                _hash_batch(self.hashers, data)
+            except BaseException as e:  # noqa: BLE001 - handed to the request
+                self._fail(e)
+        self._writing.put((staged, nbytes))
 
-    def _write(self) -> None:
-        while (item := self._to_write.get()) is not None:
-            staged, nbytes = list(item[0]), item[1]
-            while nbytes < WRITE_GATHER_BYTES:  # what else is ready goes in the same write
-                try:
-                    more = self._to_write.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:  # the end, nothing after it: the outer loop meets it next
-                    self._to_write.put(None)
-                    break
-                staged += more[0]
-                nbytes += more[1]
-            if self.error is None and staged:
-                try:
-                    self.writer.write_from_thread(staged, self.loop)
-                except BaseException as e:  # noqa: BLE001 - handed to the request
-                    self._fail(e)
-            self._count_written(nbytes)
+    def _write(self, item: tuple[Sequence[Any], int]) -> None:
+        staged, nbytes = list(item[0]), item[1]
+        while nbytes < WRITE_GATHER_BYTES:  # what else is ready goes in the same write
+            more = self._writing.take()
+            if more is None:
+                break
+            staged += more[0]
+            nbytes += more[1]
+        if self.error is None and staged:
+            try:
+                self.writer.write_from_thread(staged, self.loop)
+            except BaseException as e:  # noqa: BLE001 - handed to the request
+                self._fail(e)
+        self._count_written(nbytes)
 
     def _fail(self, error: BaseException) -> None:
         with self._lock:
@@ -192,7 +253,7 @@ class _Pipeline:
         data, staged = self.writer.take_staged()
         with self._lock:
             self.submitted += nbytes
-        self._to_hash.put((data, staged, nbytes))
+        self._hashing.put((data, staged, nbytes))
 
     async def drain(self) -> None:
         """Wait until every batch submitted is done (or skipped after an error), then raise
@@ -211,9 +272,6 @@ class _Pipeline:
     def _raise_error(self) -> None:
         if self.error is not None:
             raise self.error
-
-    def close(self) -> None:
-        self._to_hash.put(None)  # the hashing thread passes it on to the writing thread
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

@@ -113,6 +113,10 @@ class FileWriter(abc.ABC):
         waits."""
         asyncio.run_coroutine_threadsafe(self.write(staged), loop).result()
 
+    def release_staging(self) -> None:
+        """The stream has gone quiet: write out what staging holds and give its buffers back
+        (staging starts again with the next piece). On the event loop, with nothing in flight."""
+
     @abc.abstractmethod
     async def commit(self, dest: str, size: int, readonly: bool = False) -> None: ...
 

@@ -186,6 +186,10 @@ class FilesystemWriter(FileWriter):
         else:
             self._direct.write(staged)
 
+    def release_staging(self) -> None:
+        self._end_direct()
+        self._direct_tried = not self._driver.direct_io  # direct again with the next piece
+
     def _end_direct(self) -> None:
         if self._direct is not None:
             direct, self._direct = self._direct, None

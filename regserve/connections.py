@@ -1,0 +1,207 @@
+"""HTTP connections: timeouts, a connection limit, and spec answers to what the parser rejects.
+
+aiohttp gives each connection a RequestHandler; ours adds what a registry facing hostile and
+careless clients needs, in the spirit of Go's http.Server:
+
+* `readheader`: a request's headers must be complete within this many seconds of its first
+  byte, or the connection is closed (a slowloris holds nothing for long);
+* `idle`: a keep-alive connection without a request, or one that never sends a byte, is closed
+  after this long (aiohttp's keep-alive timeout);
+* `bodyidle`: a request whose handler waits for body bytes that do not come for this long is cut
+  off; the handler sees a disconnect, and an upload keeps what arrived, as after any other.
+  Silent for STAGING_IDLE already, an upload writes out what it holds and gives back its staging
+  buffers until more arrives, so a stalled upload holds neither a thread nor buffers;
+* `maxconnections`: past this many connections in one process, the idle ones that waited
+  longest are closed to make room, and a new connection is closed at once if none is idle. So
+  idle and stalled clients cost bounded descriptors and memory, and never lock others out.
+
+Requests the HTTP parser rejects (a broken request line, raw non-ASCII in the path, a header
+line over 8 KiB, TLS on the plain port) get the spec's JSON error body and a debug log line:
+they are the internet's noise, not errors of ours.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from .api.common import BODY_KEY, RequestBody
+from .api.errors import error_body, internal_error
+
+log = logging.getLogger("regserve.connections")
+EVICT_BATCH = 16  # idle connections closed at once when the limit is reached (amortises the scan)
+STAGING_IDLE = 2.0  # a body silent this long: its upload gives back its staging buffers
+
+
+def _load_malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+@dataclass(frozen=True)
+class Limits:
+    read_header: float = 30.0
+    idle: float = 120.0
+    body_idle: float = 60.0
+    max_connections: int = 10000
+
+    @classmethod
+    def of(cls, config: Any) -> "Limits":
+        return cls(config.read_header_timeout, config.idle_timeout, config.body_idle_timeout,
+                   config.max_connections)
+
+
+class RegistryConnection(RequestHandler):
+    def __init__(self, manager: "RegistryServer", **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = manager.limits
+        self._header_timer: Any = None
+        self.last_data = self._loop.time()  # last time bytes arrived (or reading resumed)
+
+    # -- timeouts -----------------------------------------------------------------------------
+
+    def _in_request(self) -> bool:
+        return self._current_request is not None or bool(self._messages) or self._request_in_progress
+
+    def data_received(self, data: bytes) -> None:
+        self.last_data = self._loop.time()
+        if data and self._header_timer is None and not self._in_request():
+            self._header_timer = self._loop.call_later(self._limits.read_header, self._headers_late)
+        super().data_received(data)
+        if self._header_timer is not None and self._in_request():
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self._in_request() and self.transport is not None:
+            log.debug("closing a connection whose request headers took over %ss", self._limits.read_header)
+            self.force_close()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # We paused the client (the handler was busy); its silence meanwhile is ours.
+        self.last_data = self._loop.time()
+        super().resume_reading(resume_parser)
+
+    def body_wait(self, now: float) -> float:
+        """How long the handler has waited for body bytes that do not come (0: it is not)."""
+        request = self._current_request
+        if request is None or getattr(request.content, "_waiter", None) is None:
+            return 0.0
+        return now - self.last_data
+
+    def idle_since(self) -> float | None:
+        """When this connection last did anything, if it is idle between requests."""
+        return None if self._in_request() else self.last_data
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    # -- what the parser rejects --------------------------------------------------------------
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # a response already began: nothing to add
+            raise ConnectionError("response already started; cannot send an error body")
+        if isinstance(exc, HttpProcessingError) or (exc is None and 400 <= status < 500):
+            log.debug("malformed request from %s: %s", request.remote, exc or message)
+            reason = type(exc).__name__ if exc is not None else "BadRequest"
+            resp = web.Response(status=431 if isinstance(exc, LineTooLong) else 400,
+                                body=error_body("UNSUPPORTED", "malformed HTTP request", {"reason": reason}),
+                                content_type="application/json")
+        else:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+            resp = internal_error()
+        resp.force_close()
+        return resp
+
+
+class RegistryServer(web.Server):
+    """aiohttp's connection factory, with the connection policy above. Made by RegistryRunner
+    from the server aiohttp builds, so that everything else about it stays aiohttp's."""
+
+    limits: Limits
+    _watchdog: Any
+
+    def __call__(self) -> RequestHandler:
+        if self._watchdog is None:
+            self._schedule_watchdog()
+        return RegistryConnection(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: Any) -> None:
+        super().connection_made(handler, transport)
+        if len(self._connections) > self.limits.max_connections:
+            self._make_room(handler)
+
+    def _make_room(self, newcomer: RequestHandler) -> None:
+        idle = sorted((since, id(conn), conn) for conn in self._connections
+                      if conn is not newcomer and isinstance(conn, RegistryConnection)
+                      and (since := conn.idle_since()) is not None)
+        excess = len(self._connections) - self.limits.max_connections
+        if not idle:
+            log.warning("%d connections and none idle: refusing a new one", len(self._connections))
+            newcomer.force_close()
+            return
+        for _, _, conn in idle[:max(excess, EVICT_BATCH)]:
+            conn.force_close()
+
+    def _schedule_watchdog(self) -> None:
+        self._watchdog = self._loop.call_later(min(1.0, self.limits.body_idle / 4), self._watch)
+
+    def _watch(self) -> None:
+        now = self._loop.time()
+        pause = min(STAGING_IDLE, self.limits.body_idle / 2)
+        went_quiet = False
+        for conn in list(self._connections):
+            if not isinstance(conn, RegistryConnection):
+                continue
+            waited = conn.body_wait(now)
+            if waited >= self.limits.body_idle:
+                log.info("cutting off a request body idle for %ss", self.limits.body_idle)
+                if conn.transport is not None:
+                    conn.transport.abort()
+            elif waited >= pause and conn._current_request is not None:
+                body = conn._current_request.get(BODY_KEY)
+                if isinstance(body, RequestBody) and body.idle():
+                    went_quiet = True  # the upload gives back its buffers meanwhile
+        if went_quiet and _malloc_trim is not None:
+            # Body pieces of quiet uploads were freed, but the heap keeps freed memory for the
+            # next busy stream (server.tune_malloc): with streams going quiet, hand it back.
+            self._loop.call_later(pause, _malloc_trim, 0)
+        self._schedule_watchdog()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await super().shutdown(timeout)
+
+
+class RegistryRunner(web.AppRunner):
+    """web.AppRunner whose server applies `limits` (and whose idle timeout is `limits.idle`)."""
+
+    def __init__(self, app: web.Application, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(app, keepalive_timeout=limits.idle, **kwargs)
+        self._limits = limits
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = RegistryServer
+        assert isinstance(server, RegistryServer)
+        server.limits = self._limits
+        server._watchdog = None
+        return server
