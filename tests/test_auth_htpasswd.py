@@ -14,7 +14,7 @@ from regserve.auth import htpasswd as htpasswd_mod
 from regserve.auth.htpasswd import HtpasswdError
 
 from .authutil import add_user_cli, basic, htpasswd_file
-from .conftest import digest_of
+from .conftest import digest_of, http, require_tool
 
 BLOB = os.urandom(20_000)
 
@@ -221,3 +221,70 @@ def test_cli_prompts_for_the_password_on_a_terminal(tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0, output
     assert b"typed secret" not in output  # not echoed
     assert asyncio.run(htpasswd_mod.Htpasswd(str(f)).verify("tty-user", "typed secret"))
+
+
+async def test_unknown_users_cost_a_bcrypt_like_wrong_passwords(users, monkeypatch):
+    """No telling which users exist by the answer's timing: an unknown user is checked against
+    a hash of the file's own cost, once, as a wrong password is."""
+    checked: list[bytes] = []
+    real = htpasswd_mod._checkpw
+    monkeypatch.setattr(htpasswd_mod, "_checkpw", lambda pw, hashed: checked.append(hashed) or real(pw, hashed))
+    store = htpasswd_mod.Htpasswd(str(users))
+    assert not await store.verify("alice", "wrong")
+    assert not await store.verify("mallory", "wrong")
+    assert len(checked) == 2
+    assert checked[0].split(b"$")[2] == checked[1].split(b"$")[2] == b"04"  # the same cost
+
+
+def test_passwords_over_72_bytes_work_as_with_apache(tmp_path):
+    """bcrypt reads 72 bytes of a password; bcrypt 5 refuses more instead of truncating. Like
+    Apache's htpasswd, regserve uses the first 72 bytes, both ways."""
+    htpasswd = require_tool("htpasswd", "Apache's htpasswd, from apache2-utils")
+    long_password = "x" * 72 + "y" * 40
+    path = tmp_path / "ours"
+    result = add_user_cli(path, "long", long_password)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    check = subprocess.run([htpasswd, "-vb", str(path), "long", long_password], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    theirs = tmp_path / "theirs"
+    subprocess.run([htpasswd, "-Bbc", str(theirs), "long", long_password], check=True, capture_output=True)
+
+    async def verify(file, password):
+        return await htpasswd_mod.Htpasswd(str(file)).verify("long", password)
+    assert asyncio.run(verify(theirs, long_password))
+    assert asyncio.run(verify(path, long_password))
+    assert asyncio.run(verify(path, "x" * 72))  # what Apache's truncation means, both ways
+    assert not asyncio.run(verify(path, "x" * 71))
+
+
+def test_a_flood_of_wrong_passwords_does_not_delay_a_real_login(server_factory, tmp_path):
+    """120 wrong-password requests at once from another address: a real user's login is served
+    after at most the bcrypt runs already under way, not behind the flood; the flood past its
+    share gets TOOMANYREQUESTS at once."""
+    import socket
+    import threading
+    import time
+    path = htpasswd_file(tmp_path / "htpasswd", {"alice": "wonderland", "bob": "builder"}, cost=10)
+    srv = server_factory(env={"REGISTRY_AUTH_HTPASSWD_REALM": "r", "REGISTRY_AUTH_HTPASSWD_PATH": str(path)})
+    statuses: list[bytes] = []
+
+    def attacker(i: int) -> None:  # each guess another password: no two share a bcrypt run
+        header = basic("alice", f"guess-{i}")["Authorization"]
+        s = socket.create_connection(("127.0.0.1", srv.port), source_address=("127.0.0.2", 0))
+        s.sendall(f"GET /v2/ HTTP/1.1\r\nHost: x\r\nAuthorization: {header}\r\n\r\n".encode())
+        s.settimeout(60)
+        statuses.append(s.recv(64).split(b" ")[1])
+        s.close()
+    flood = [threading.Thread(target=attacker, args=(i,)) for i in range(120)]
+    for t in flood:
+        t.start()
+    time.sleep(0.3)  # the flood is queued
+    start = time.time()
+    status, _, _ = http("GET", f"{srv.url}/v2/", headers=basic("bob", "builder"))
+    waited = time.time() - start
+    for t in flood:
+        t.join()
+    assert status == 200
+    assert waited < 1.5, f"a real login waited {waited:.2f} s behind the flood"
+    assert sorted(set(statuses)) == [b"401", b"429"] and len(statuses) == 120
+    assert statuses.count(b"429") >= 60  # beyond what was queued for it and run meanwhile

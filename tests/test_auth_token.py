@@ -3,6 +3,8 @@ the built-in issuer (GET and OAuth2 POST), and key trust by x5c and kid."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -10,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from regserve import config as config_mod
 from regserve.api import make_app
 
-from .authutil import Clock, TokenMaker, basic, bearer, htpasswd_file, pull, push, write_pem
+from .authutil import Clock, TokenMaker, add_user_cli, basic, bearer, htpasswd_file, pull, push, write_pem
 from .conftest import digest_of
 
 BLOB = os.urandom(30_000)
@@ -258,3 +260,31 @@ async def test_jwks_keys_by_kid(aiohttp_client, data_dir, tmp_path, clock):
     assert (await client.get("/v2/foo/tags/list", headers=bearer(good))).status == 404  # authorised; no repo
     unknown = pyjwt.encode(claims, key, algorithm="RS256", headers={"kid": "other"})
     assert (await client.get("/v2/foo/tags/list", headers=bearer(unknown))).status == 401
+
+
+async def _refresh(client, token):
+    return await client.post("/token", data={"grant_type": "refresh_token", "refresh_token": token,
+                                             "service": "reg.test", "client_id": "test"})
+
+
+async def test_refresh_tokens_die_with_the_credential(issuing, tmp_path):
+    """A refresh token is bound to the password it was issued for: a password change or the
+    user's removal ends it, and one for another user is unaffected."""
+    client, _ = issuing
+    tokens = {}
+    for user, password in (("alice", "a-pass"), ("bob", "b-pass")):
+        r = await client.post("/token", data={"grant_type": "password", "username": user, "password": password,
+                                              "service": "reg.test", "client_id": "test", "access_type": "offline"})
+        tokens[user] = (await r.json())["refresh_token"]
+    _, body = await get_token(client, ["repository:team/app:pull"], basic("alice", "a-pass"))
+    assert (await _refresh(client, tokens["alice"])).status == 200
+    add_user_cli(tmp_path / "htpasswd", "alice", "new-pass")
+    r = await _refresh(client, tokens["alice"])
+    assert r.status == 401 and (await r.json())["error"] == "invalid_grant"
+    assert (await _refresh(client, tokens["bob"])).status == 200
+    remove = subprocess.run([sys.executable, "-m", "regserve", "htpasswd", "remove", str(tmp_path / "htpasswd"),
+                             "bob"], capture_output=True, timeout=60)
+    assert remove.returncode == 0
+    assert (await _refresh(client, tokens["bob"])).status == 401
+    add_user_cli(tmp_path / "htpasswd", "bob", "b-pass")  # the same password again: the same hash? no
+    assert (await _refresh(client, tokens["bob"])).status == 401  # a new salt: a new credential

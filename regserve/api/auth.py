@@ -61,7 +61,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     needs = needs_for(request)
     if controller is not None and needs is not None:
         request[IDENTITY_KEY] = await controller.authorize(request.headers.get("Authorization"), needs,
-                                                         url_for(request, "/token", absolute=True))
+                                                         url_for(request, "/token", absolute=True),
+                                                         request.remote or "")
     return await handler(request)
 
 

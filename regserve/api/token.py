@@ -33,14 +33,20 @@ async def get_token(request: web.Request) -> web.Response:
     if (refused := _unknown_service(service, controller.service)) is not None:
         return refused
     try:
-        user = await controller.login(request.headers.get("Authorization"))
+        user = await controller.login(request.headers.get("Authorization"), request.remote or "")
     except Unauthorized as err:
         return error_response(err)
     access = controller.grantable(user, parse_scopes(request.query.getall("scope", [])))
     body = _token_body(*issuer.issue(user or "", service, access))
     if user and request.query.get("offline_token") == "true":
-        body["refresh_token"] = issuer.refresh_token(user, service)
+        body["refresh_token"] = _refresh_token(request, user, service)
     return web.json_response(body)
+
+
+def _refresh_token(request: web.Request, user: str, service: str) -> str:
+    htpasswd = request.app[CONTROLLER_KEY].htpasswd
+    assert htpasswd is not None  # a user logged in against it
+    return request.app[ISSUER_KEY].refresh_token(user, service, htpasswd.fingerprint(user) or "")
 
 
 async def post_token(request: web.Request) -> web.Response:
@@ -53,22 +59,22 @@ async def post_token(request: web.Request) -> web.Response:
     if grant == "password":
         user = str(form.get("username", ""))
         if not user or controller.htpasswd is None or not await controller.htpasswd.verify(
-                user, str(form.get("password", ""))):
+                user, str(form.get("password", "")), client=request.remote or ""):
             return _oauth_error(401, "invalid_grant", "invalid username or password")
     elif grant == "refresh_token":
         try:
-            user = issuer.check_refresh(str(form.get("refresh_token", "")), service)
+            user, credential = issuer.check_refresh(str(form.get("refresh_token", "")), service)
         except TokenError as e:
             return _oauth_error(401, "invalid_grant", str(e))
-        if controller.htpasswd is None or user not in controller.htpasswd.users():
-            return _oauth_error(401, "invalid_grant", "the user no longer exists")
+        if controller.htpasswd is None or controller.htpasswd.fingerprint(user) != credential:
+            return _oauth_error(401, "invalid_grant", "the password changed or the user was removed")
     else:
         return _oauth_error(400, "unsupported_grant_type", "use grant_type password or refresh_token")
     access = controller.grantable(user, parse_scopes([str(form.get("scope", ""))]))
     body = {**_token_body(*issuer.issue(user, service, access)),
             "scope": " ".join(a.scope() for a in access)}
     if form.get("access_type") == "offline":
-        body["refresh_token"] = issuer.refresh_token(user, service)
+        body["refresh_token"] = _refresh_token(request, user, service)
     elif grant == "refresh_token":
         body["refresh_token"] = str(form.get("refresh_token"))
     return web.json_response(body)

@@ -101,25 +101,27 @@ class AccessController:
             parts.append(f'error="{error}"')
         return "Bearer " + ",".join(parts)
 
-    async def login(self, header: str | None) -> str | None:
+    async def login(self, header: str | None, client: str = "") -> str | None:
         """The htpasswd user named by Basic credentials; None without credentials;
-        UNAUTHORIZED for wrong ones."""
+        UNAUTHORIZED for wrong ones. `client` (the peer's address) is whom bcrypt's queue is
+        fair to."""
         creds = basic_credentials(header)
         if header and creds is None:
             raise Unauthorized(None, "malformed credentials", challenge=self._basic_challenge())
         if creds is None:
             return None
-        if self.htpasswd is None or not await self.htpasswd.verify(*creds):
+        if self.htpasswd is None or not await self.htpasswd.verify(*creds, client=client):
             raise Unauthorized(None, "invalid username or password", challenge=self._basic_challenge())
         return creds[0]
 
-    async def authorize(self, header: str | None, needs: list[Access], default_realm: str = "") -> Identity:
+    async def authorize(self, header: str | None, needs: list[Access], default_realm: str = "",
+                        client: str = "") -> Identity:
         """The identity behind a request that needs `needs` (empty: just authentication, the
         `/v2/` check). Raises UNAUTHORIZED with a challenge, or DENIED."""
         if self.mode == "token":
             return self._authorize_token(header, needs, self.realm or default_realm)
         if self.mode == "htpasswd":
-            user = await self.login(header)
+            user = await self.login(header, client)
             identity = Identity(user, groups=self.policy.groups_of(user) if self.policy else set())
             if user is None and (not needs or not all(self.allows(identity, n) for n in needs)):
                 raise Unauthorized(None, "authentication required", challenge=self._basic_challenge())

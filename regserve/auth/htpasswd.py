@@ -4,11 +4,19 @@ Verification runs bcrypt in a thread (it is slow by design and must never block 
 and remembers a verified credential briefly, keyed by an HMAC of user and password under a
 per-process random key, never the password itself. Concurrent requests with the same new
 credential share one bcrypt run. The file is re-read when it changes.
+
+Like Apache's htpasswd, bcrypt takes the first 72 bytes of a password (the algorithm's limit;
+bcrypt 5 refuses longer ones instead of truncating them). A user that does not exist costs a
+bcrypt too, so that answers do not tell by their timing which users exist. bcrypt runs on a few
+threads, and what waits for them is served fairly (`FairQueue`): a client flooding wrong
+passwords waits behind its own requests, not in front of everyone else's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import hashlib
 import hmac
 import logging
@@ -21,10 +29,16 @@ from typing import Callable
 
 import bcrypt
 
+from ..errors import TooManyRequests
+
 log = logging.getLogger("regserve.auth")
 BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
+BCRYPT_MAX_BYTES = 72    # what bcrypt reads of a password; Apache's htpasswd truncates there too
 CACHE_SECONDS = 60.0
-_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bcrypt")
+BCRYPT_THREADS = max(2, (os.cpu_count() or 2) // 2)  # the rest of the cores keep serving
+PENDING_PER_USER = 4     # bcrypt runs one client may have waiting for one user name ...
+PENDING_PER_CLIENT = 32  # ... and for all of them: beyond, TOOMANYREQUESTS
+_pool = ThreadPoolExecutor(max_workers=BCRYPT_THREADS, thread_name_prefix="bcrypt")
 
 
 class HtpasswdError(Exception):
@@ -54,9 +68,72 @@ def _checkpw(password: bytes, hashed: bytes) -> bool:
     if hashed.startswith(b"$2y$"):
         hashed = b"$2b$" + hashed[4:]
     try:
-        return bcrypt.checkpw(password, hashed)
+        return bcrypt.checkpw(password[:BCRYPT_MAX_BYTES], hashed)
     except ValueError:
         return False
+
+
+def _cost(hashed: bytes) -> int:
+    try:
+        return int(hashed.split(b"$")[2])
+    except (IndexError, ValueError):
+        return 10
+
+
+class FairQueue:
+    """bcrypt runs waiting for the pool's threads, served round-robin by client (its address)
+    and, within a client, by user name: a flood from one client, or against one user, waits
+    behind itself. Each has a bounded number of runs waiting; past that, TOOMANYREQUESTS."""
+
+    def __init__(self) -> None:
+        self._waiting: collections.OrderedDict[str, collections.OrderedDict[str, collections.deque]] = \
+            collections.OrderedDict()
+        self._pending: collections.Counter[str] = collections.Counter()
+        self._running = 0
+
+    async def check(self, client: str, user: str, password: bytes, hashed: bytes) -> bool:
+        users = self._waiting.setdefault(client, collections.OrderedDict())
+        queue = users.setdefault(user, collections.deque())
+        if len(queue) >= PENDING_PER_USER or self._pending[client] >= PENDING_PER_CLIENT:
+            if not queue:
+                del users[user]
+            if not users:
+                del self._waiting[client]
+            raise TooManyRequests({"retry_after": 1}, "too many authentication attempts waiting",
+                                  headers={"Retry-After": "1"})
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        queue.append((password, hashed, done))
+        self._pending[client] += 1
+        self._start()
+        return await done
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._running < BCRYPT_THREADS and self._waiting:
+            client, users = next(iter(self._waiting.items()))
+            user, queue = next(iter(users.items()))
+            password, hashed, done = queue.popleft()
+            users.move_to_end(user)
+            if not queue:
+                del users[user]
+            self._waiting.move_to_end(client)
+            if not users:
+                del self._waiting[client]
+            self._pending[client] -= 1
+            if not self._pending[client]:
+                del self._pending[client]
+            self._running += 1
+            loop.run_in_executor(_pool, _checkpw, password, hashed).add_done_callback(
+                lambda f, done=done: self._finished(f, done))
+
+    def _finished(self, result: asyncio.Future[bool], done: asyncio.Future[bool]) -> None:
+        self._running -= 1
+        if not done.done():
+            if result.exception() is not None:
+                done.set_exception(result.exception())  # type: ignore[arg-type]
+            else:
+                done.set_result(result.result())
+        self._start()
 
 
 class Htpasswd:
@@ -68,6 +145,8 @@ class Htpasswd:
         self._key = secrets.token_bytes(32)
         self._verified: dict[bytes, float] = {}
         self._inflight: dict[bytes, asyncio.Future] = {}
+        self._fair = FairQueue()
+        self._decoy = b""
         self.load(strict=True)
 
     def _file_stamp(self) -> tuple | None:
@@ -91,6 +170,10 @@ class Htpasswd:
             return
         self._users, self._stamp = users, stamp
         self._verified.clear()  # a changed file revokes every remembered credential
+        # What an unknown user is checked against: as slow as the file's hashes are.
+        cost = max((_cost(h) for h in users.values()), default=10)
+        if self._decoy[:7] != f"$2b${cost:02d}$".encode():
+            self._decoy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(rounds=cost))
 
     def _maybe_reload(self) -> None:
         if self._file_stamp() != self._stamp:
@@ -100,10 +183,24 @@ class Htpasswd:
         self._maybe_reload()
         return sorted(self._users)
 
-    async def verify(self, user: str, password: str) -> bool:
+    def fingerprint(self, user: str) -> str | None:
+        """A short digest of the user's present hash: it changes when the password does (and
+        is None when the user is gone), so what was issued for a credential can die with it."""
         self._maybe_reload()
         hashed = self._users.get(user)
         if hashed is None:
+            return None
+        digest = hashlib.sha256(user.encode() + b"\0" + hashed).digest()[:12]
+        return base64.urlsafe_b64encode(digest).decode()
+
+    async def verify(self, user: str, password: str, client: str = "") -> bool:
+        """Whether `password` is `user`'s. `client` (the peer's address) is whom the bcrypt
+        runs are queued fairly for."""
+        self._maybe_reload()
+        hashed = self._users.get(user)
+        secret = password.encode()
+        if hashed is None:  # as slow as a wrong password: no telling which users exist
+            await self._fair.check(client, user, secret, self._decoy)
             return False
         key = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
         now = self.clock()
@@ -112,8 +209,7 @@ class Htpasswd:
             return True
         pending = self._inflight.get(key)
         if pending is None:
-            loop = asyncio.get_running_loop()
-            pending = loop.run_in_executor(_pool, _checkpw, password.encode(), hashed)
+            pending = asyncio.ensure_future(self._fair.check(client, user, secret, hashed))
             self._inflight[key] = pending
             try:
                 ok = await pending
@@ -147,8 +243,9 @@ def provision_if_missing(path: str) -> str | None:
 # -- editing, for `regserve htpasswd` ----------------------------------------------------------
 
 def hash_password(password: str, cost: int = 10) -> str:
-    """bcrypt with Apache's $2y$ prefix, which both Apache's htpasswd and bcrypt libraries read."""
-    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost)).decode()
+    """bcrypt with Apache's $2y$ prefix, which both Apache's htpasswd and bcrypt libraries read,
+    of the password's first 72 bytes, as Apache's htpasswd does."""
+    hashed = bcrypt.hashpw(password.encode()[:BCRYPT_MAX_BYTES], bcrypt.gensalt(rounds=cost)).decode()
     return "$2y$" + hashed[4:]
 
 

@@ -206,19 +206,23 @@ class TokenIssuer:
         issued = dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         return self._sign(claims), int(self.expiration), issued
 
-    def refresh_token(self, subject: str, audience: str) -> str:
+    def refresh_token(self, subject: str, audience: str, credential: str) -> str:
+        """A refresh token bound to `credential` (Htpasswd.fingerprint of the subject's present
+        password): it is worth nothing once that password changes or the user is removed."""
         now = int(self.clock())
         return self._sign({"iss": self.issuer, "sub": subject, "aud": f"{audience}#refresh",
                            "iat": now, "exp": now + int(self.refresh_expiration),
-                           "jti": secrets.token_urlsafe(16)})
+                           "jti": secrets.token_urlsafe(16), "cred": credential})
 
-    def check_refresh(self, token: str, audience: str) -> str:
-        """The subject of a valid refresh token this issuer signed."""
+    def check_refresh(self, token: str, audience: str) -> tuple[str, str]:
+        """The subject of a valid refresh token this issuer signed, and the credential it is
+        bound to."""
         try:
             claims = jwt.decode(token, self.public_key, algorithms=[self.alg], audience=f"{audience}#refresh",
-                                issuer=self.issuer, options={"verify_exp": False, "require": ["exp", "sub"]})
+                                issuer=self.issuer,
+                                options={"verify_exp": False, "require": ["exp", "sub", "cred"]})
         except Exception as e:
             raise TokenError(f"invalid refresh token: {e}") from None
         if float(claims["exp"]) < self.clock():
             raise TokenError("refresh token has expired")
-        return str(claims["sub"])
+        return str(claims["sub"]), str(claims["cred"])

@@ -78,14 +78,26 @@ def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    """rmtree for our own small trees (no symlinks followed), cheaper than shutil's fd dance."""
-    with os.scandir(path) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                _remove_tree(entry.path)
-            else:
-                os.unlink(entry.path)
-    os.rmdir(path)
+    """rmtree for our own small trees (no symlinks followed), cheaper than shutil's fd dance.
+    A tree being deleted was renamed out of sight first, but a writer that had looked up its
+    directory just before still lands there (rename(2) resolves the parent first): such late
+    arrivals are removed with the rest."""
+    for attempt in range(REPLACE_ATTEMPTS):
+        with os.scandir(path) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        _remove_tree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+        try:
+            os.rmdir(path)
+            return
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY or attempt == REPLACE_ATTEMPTS - 1:
+                raise
 
 
 def _replace_into(src: str, dst: str) -> None:
