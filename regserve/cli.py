@@ -66,6 +66,7 @@ def garbage_collect_command(args: argparse.Namespace) -> int:
     from .api.app import make_registry
     from .registry.gc import GarbageCollectionAborted, collect
     from .registry.registry import RegistryBusy
+    from .storage import PathNotFound
     try:
         config = config_mod.load(args.config)
     except config_mod.ConfigError as e:
@@ -84,7 +85,7 @@ def garbage_collect_command(args: argparse.Namespace) -> int:
     except (GarbageCollectionAborted, RegistryBusy) as e:
         print(f"regserve garbage-collect: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # a delete failed: stop there, loudly
+    except (OSError, PathNotFound) as e:  # a delete failed: stop there, loudly
         print(f"regserve garbage-collect: stopped by a storage error while deleting: {e}",
               file=sys.stderr)
         return 1

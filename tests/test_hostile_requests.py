@@ -19,6 +19,7 @@ from .test_conformance_workflows import SPEC_CODES
 
 def raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send bytes as they are; the status, headers and body of the answer."""
+    bodyless = request.startswith(b"HEAD ")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(request)
         data = b""
@@ -26,7 +27,8 @@ def raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
             head, sep, body = data.partition(b"\r\n\r\n")
             if sep:
                 length = re.search(rb"(?im)^content-length: *(\d+)", head)
-                if length and len(body) >= int(length.group(1)):
+                status = head.split(b" ", 2)[1]
+                if bodyless or status in (b"204", b"304") or length and len(body) >= int(length.group(1)):
                     break
             chunk = s.recv(65536)
             if not chunk:
@@ -134,3 +136,15 @@ async def test_error_details_do_not_mirror_what_was_sent(client):
     r = await client.get("/v2/" + "a" * 300 + "%0a/tags/list")
     detail = (await r.json())["errors"][0]["detail"]
     assert r.status == 400 and len(json.dumps(detail)) < 400
+
+
+def test_bodiless_patches_one_after_another(server):
+    """aiohttp reads every empty body from one shared object, which after its first use says
+    "chunk boundary" forever: the second bodiless PATCH of a process used to spin its event
+    loop, and the worker answered no one again."""
+    for _ in range(3):
+        _, headers, _ = raw(server.port, b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        location = headers["Location"].split("://", 1)[-1].split("/", 1)[1]
+        got, _, _ = raw(server.port, f"PATCH /{location} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+        assert got == 202
+    assert raw(server.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200

@@ -107,7 +107,10 @@ async def _first_piece(content: StreamReader) -> bytes:
     """The first buffered piece, waiting for one; b"" at the end."""
     while True:
         data, end_of_chunk = await content.readchunk()
-        if data or not end_of_chunk:  # (b"", True) only marks a chunk boundary
+        # (b"", True) only marks a chunk boundary, except at the end: aiohttp's reader of empty
+        # bodies is one object for the whole process, and after its first use it answers
+        # (b"", True) forever, without waiting (a second bodiless PATCH spun the event loop).
+        if data or not end_of_chunk or content.at_eof():
             return data
 
 

@@ -17,6 +17,7 @@ writes holds shared, and refuses to run beside one.
 from __future__ import annotations
 
 import json
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -86,7 +87,11 @@ async def collect(registry: Registry, dry_run: bool = False, delete_untagged: bo
                   log: Callable[[str], Any] = print) -> Report:
     if dry_run:
         return await _collect(registry, True, delete_untagged, log)
-    async with registry.sweeping():
+    async with AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(registry.sweeping())
+        except (OSError, PathNotFound) as e:
+            raise GarbageCollectionAborted(f"could not take the storage's lock, nothing was deleted: {e}") from e
         return await _collect(registry, False, delete_untagged, log)
 
 
@@ -131,7 +136,10 @@ async def _collect(registry: Registry, dry_run: bool, delete_untagged: bool,
                     await _delete(driver, paths.layer_link(name, d).rsplit("/", 1)[0])
                     report.links_deleted += 1
     if not dry_run:
-        report.temporaries_deleted = await driver.purge_temporaries(TEMPORARY_AGE)
+        try:
+            report.temporaries_deleted = await driver.purge_temporaries(TEMPORARY_AGE)
+        except PathNotFound:
+            pass  # no temporaries at all
     log(f"{len(report.marked)} blobs marked, {len(report.blobs_deleted)} blobs and "
         f"{len(report.manifests_deleted)} manifests eligible for deletion")
     return report

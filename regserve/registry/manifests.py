@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 from ..errors import (
     BlobUnknown,
@@ -17,9 +18,10 @@ from ..errors import (
     ManifestUnknown,
     NameUnknown,
     RegistryError,
+    TooManyRequests,
 )
 from ..reference import TAG_RE, Digest, check_tag, is_digest, parse_digest
-from ..storage import PathNotFound, StorageDriver
+from ..storage import AlreadyExists, Busy, PathNotFound, StorageDriver
 from . import paths
 from .blobs import LRU, BlobStore, RepositoryBlobs
 
@@ -33,6 +35,7 @@ IMAGE_TYPES = {OCI_MANIFEST, DOCKER_MANIFEST}
 INDEX_TYPES = {OCI_INDEX, DOCKER_LIST}
 MANIFEST_TYPES = IMAGE_TYPES | INDEX_TYPES
 MAX_MANIFEST_BYTES = 4 << 20
+LOCK_WAIT_SECONDS = 10.0  # a manifest or tag change waits this long for the repository's owner
 # Layers a registry is not expected to hold (pulled from their `urls` instead).
 FOREIGN_LAYERS = {
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
@@ -282,16 +285,42 @@ class Manifests:
             tag = check_tag(reference)
             expected = None
         m = parse_manifest(payload, content_type, expected)
-        await self._check_references(m)
-        await self.store.put_small(m.digest, payload)
+        await self.store.put_small(m.digest, payload)  # content addressed: no owner needed
+        async with self._owned():
+            await self._check_references(m)
+            await self._link(m)
+            if tag is not None:
+                await self.tags.tag(tag, m.digest)
+        self.cache.put(m.digest, payload, m.media_type)
+        return m
+
+    @asynccontextmanager
+    async def _owned(self) -> AsyncIterator[None]:
+        """Own this repository's manifests and tags: a PUT, a DELETE by digest (which untags
+        every tag pointing at it) and a DELETE of a tag are one transition each, taken by one
+        request at a time across every worker and replica. So a tag never points at a manifest
+        a DELETE removed, and a DELETE never removes a tag a PUT just moved elsewhere."""
+        lock = paths.manifests_lock(self.name)
+        try:
+            await self.driver.stat(lock)
+        except PathNotFound:
+            try:
+                await self.driver.put_content(lock, b"", exclusive=True)
+            except AlreadyExists:
+                pass
+        async with AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.driver.lock(lock, LOCK_WAIT_SECONDS))
+            except Busy:
+                raise TooManyRequests({"repository": self.name}, "the repository is busy; retry",
+                                      headers={"Retry-After": "1"}) from None
+            yield
+
+    async def _link(self, m: Manifest) -> None:
         await self.driver.put_content(paths.revision_link(self.name, m.digest), str(m.digest).encode())
         if m.subject is not None:
             await self.driver.put_content(paths.referrer_link(self.name, m.subject.digest, m.digest),
                                           str(m.digest).encode())
-        if tag is not None:
-            await self.tags.tag(tag, m.digest)
-        self.cache.put(m.digest, payload, m.media_type)
-        return m
 
     async def _check_references(self, m: Manifest) -> None:
         missing = []
@@ -313,24 +342,29 @@ class Manifests:
         if not is_digest(reference):
             if not TAG_RE.fullmatch(reference):
                 raise ManifestUnknown({"reference": reference})
-            await self.tags.untag(reference)
+            async with self._owned():
+                await self.tags.untag(reference)
             return
-        d = await self.resolve(reference)
+        async with self._owned():
+            d = await self.resolve(reference)
+            await self._untag_all(d)
+            subject = await self._subject_of(d)
+            try:
+                await self.driver.delete(paths.revision_link(self.name, d).rsplit("/", 1)[0])
+            except PathNotFound:  # removed behind our back (a replica without our lock)
+                raise ManifestUnknown({"reference": reference}) from None
+            if subject is not None:
+                try:
+                    await self.driver.delete(
+                        paths.referrer_link(self.name, subject, d).rsplit("/", 1)[0])
+                except PathNotFound:
+                    pass
+
+    async def _untag_all(self, d: Digest) -> None:
         for tag in await self.tags.pointing_to(d):
             try:
                 await self.tags.untag(tag)
             except ManifestUnknown:
-                pass
-        subject = await self._subject_of(d)
-        try:
-            await self.driver.delete(paths.revision_link(self.name, d).rsplit("/", 1)[0])
-        except PathNotFound:  # deleted by a concurrent request meanwhile
-            raise ManifestUnknown({"reference": reference}) from None
-        if subject is not None:
-            try:
-                await self.driver.delete(
-                    paths.referrer_link(self.name, subject, d).rsplit("/", 1)[0])
-            except PathNotFound:
                 pass
 
     async def _subject_of(self, d: Digest) -> Digest | None:

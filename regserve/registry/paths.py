@@ -10,6 +10,8 @@
 Referrers are indexed by regserve alone (distribution has no referrers API) under
     /docker/registry/v2/repositories/<name>/_refs/subjects/<alg>/<hex>/<alg>/<hex>/link
 which distribution ignores, as it ignores
+    /docker/registry/v2/repositories/<name>/_manifests/lock
+which whoever changes the repository's manifests or tags holds (`driver.lock`), and
     /regserve/serving
 which every regserve serving writes holds (shared, `driver.lock`) and garbage-collect takes
 exclusively, so that the two never run at once on one storage.
@@ -47,6 +49,11 @@ def layers(name: str) -> str:
 
 def manifests(name: str) -> str:
     return f"{repo(name)}/_manifests"
+
+
+def manifests_lock(name: str) -> str:
+    """regserve's own: owned by whoever changes the repository's manifests or tags."""
+    return f"{repo(name)}/_manifests/lock"
 
 
 def revision_link(name: str, d: Digest) -> str:

@@ -439,6 +439,7 @@ class FilesystemDriver(StorageDriver):
     def _purge_sync(self, older_than: float) -> int:
         removed = 0
         now = time.time()
+        os.makedirs(self._temp, exist_ok=True)
         with os.scandir(self._temp) as entries:
             for entry in entries:
                 try:
