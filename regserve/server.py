@@ -88,17 +88,24 @@ def setup_logging(config: Config) -> None:
 
 
 async def _purge_loop(app: web.Application, config: Config) -> None:
+    """storage.maintenance.uploadpurging: abandoned upload sessions, and with them the storage
+    driver's own debris (temporaries a crash or a full disk left behind)."""
     from .api.common import REGISTRY_KEY
+    from .registry.gc import TEMPORARY_AGE
     await asyncio.sleep(random.uniform(60, 300))  # spread the work of several replicas
     while True:
+        registry = app[REGISTRY_KEY]
         try:
-            purged = await app[REGISTRY_KEY].purge_uploads(config.upload_purge_age,
-                                                           config.upload_purge_dryrun)
+            purged = await registry.purge_uploads(config.upload_purge_age, config.upload_purge_dryrun)
             if purged:
                 log.info("purged %d stale uploads%s", len(purged),
                          " (dry run)" if config.upload_purge_dryrun else "")
+            if not config.upload_purge_dryrun and not registry.readonly:
+                removed = await registry.driver.purge_temporaries(TEMPORARY_AGE)
+                if removed:
+                    log.info("removed %d temporaries left behind by a crash or a full disk", removed)
         except Exception:
-            log.exception("upload purge failed")
+            log.exception("upload purge failed")  # it only deletes what is stale: next time
         await asyncio.sleep(max(config.upload_purge_interval, 60))
 
 

@@ -139,3 +139,41 @@ async def test_index_with_subject(client):
     r = await client.get(f"/v2/foo/referrers/{digest_of(child)}")
     (desc,) = (await r.json())["manifests"]
     assert desc["mediaType"] == OCI_INDEX and desc["artifactType"] == "application/x-bundle"
+
+
+async def test_catalog_is_in_string_order_across_pages(client):
+    """'-' and '.' sort before '/': a repository's name comes before names nested under it,
+    and those nested under a shorter name can come after a longer sibling."""
+    names = ["a", "a-b", "a.b/x", "a/c", "a/c-d", "a/c/e", "b", "b0/z"]
+    for name in reversed(names):
+        await push_image(client, name, ["x"])
+    assert (await (await client.get("/v2/_catalog")).json())["repositories"] == sorted(names)
+    got, last = [], None
+    while True:
+        r = await client.get("/v2/_catalog?n=3" + (f"&last={last}" if last else ""))
+        page = (await r.json())["repositories"]
+        got += page
+        if "Link" not in r.headers:
+            break
+        last = page[-1]
+    assert got == sorted(names)
+
+
+async def test_a_catalog_page_lists_only_what_it_shows(aiohttp_client, data_dir):
+    """On a registry of many repositories a page of one stops at once, and a page after `last`
+    skips every subtree before it: the walk's storage calls do not grow with the registry."""
+    from regserve.api import make_app
+    from regserve.registry import Registry
+    from regserve.storage.filesystem import FilesystemDriver
+
+    from .conftest import make_config
+    from .faults import FaultyDriver
+    for i in range(2000):
+        (data_dir / f"docker/registry/v2/repositories/team{i:04d}/app/_manifests").mkdir(parents=True)
+    driver = FaultyDriver(FilesystemDriver(str(data_dir)))
+    client = await aiohttp_client(make_app(make_config(data_dir), Registry(driver)))
+    for query, expected in (("n=1", ["team0000/app"]), ("n=2&last=team1500/app", ["team1501/app", "team1502/app"])):
+        driver.calls.clear()
+        r = await client.get(f"/v2/_catalog?{query}")
+        assert (await r.json())["repositories"] == expected
+        assert len([c for c in driver.calls if c[0] == "list"]) <= 12, driver.calls  # of 4000 directories

@@ -5,7 +5,6 @@ import errno
 import hashlib
 import os
 import random
-import threading
 import time
 
 import pytest
@@ -57,16 +56,32 @@ async def test_stream_outlives_repeated_cancellation_until_its_threads_are_done(
             closing = True
             await writer.close()
 
-    task = asyncio.ensure_future(upload())
-    await asyncio.wait_for(all_sent.wait(), 10)
-    task.cancel()
-    await asyncio.sleep(0.02)  # the stream is now settling: its threads drain
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, 10)
-    for thread in threading.enumerate():  # with the writer closed too early, they go on
-        if thread.name.startswith("upload-"):
-            await asyncio.to_thread(thread.join, 10)
+    pipelines = []
+    real_init = uploads._Pipeline.__init__
+
+    def recording_init(self, *args):
+        real_init(self, *args)
+        pipelines.append(self)
+    uploads._Pipeline.__init__ = recording_init
+    try:
+        task = asyncio.ensure_future(upload())
+        await asyncio.wait_for(all_sent.wait(), 10)
+        task.cancel()
+        await asyncio.sleep(0.02)  # the stream is now settling: its threads drain
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+    finally:
+        uploads._Pipeline.__init__ = real_init
+    # Settled before the writer was closed: nothing waits in the pools, nothing runs there.
+    [pipe] = pipelines
+    assert pipe.submitted == pipe.written == len(data)
+    for _ in range(100):  # a runner may still be on its way out (it finds nothing more to do)
+        if not pipe._hashing._running and not pipe._writing._running:
+            break
+        await asyncio.sleep(0.01)
+    assert not pipe._hashing._running and not pipe._writing._running
+    await asyncio.sleep(0.2)  # were anything still queued, it would write now
     assert late_writes == []
     assert (tmp_path / "upload/data").read_bytes() == data
     assert hasher.length == len(data)

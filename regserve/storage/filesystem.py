@@ -22,7 +22,7 @@ import stat as stat_mod
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 from ..uncancellable import to_the_end
@@ -261,6 +261,7 @@ class FilesystemDriver(StorageDriver):
         os.makedirs(self._temp, exist_ok=True)
         self.direct_io = direct_io_suits(self.root) if direct_io is None else direct_io
         self._pool = ThreadPoolExecutor(max_workers=max(4, maxthreads), thread_name_prefix="fs")
+        self._local = _LocalLocks()
 
     def _full(self, path: str) -> str:
         check_path(path)
@@ -413,6 +414,16 @@ class FilesystemDriver(StorageDriver):
     @asynccontextmanager
     async def lock(self, path: str, wait: float = 0.0, shared: bool = False) -> AsyncIterator[None]:
         full = self._full(path)
+        async with AsyncExitStack() as stack:
+            deadline = asyncio.get_running_loop().time() + wait
+            if not shared:  # waiters in this process queue here, in order, instead of polling
+                await stack.enter_async_context(self._local.held(full, wait, path))
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+            await stack.enter_async_context(self._flocked(full, remaining, shared, path))
+            yield
+
+    @asynccontextmanager
+    async def _flocked(self, full: str, wait: float, shared: bool, path: str) -> AsyncIterator[None]:
         try:
             fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
@@ -478,6 +489,38 @@ class FilesystemDriver(StorageDriver):
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+class _LocalLocks:
+    """An asyncio lock per path while anyone in this process holds or waits for it: they queue
+    in order, and only the one at the head polls flock(2), which other processes hold."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def held(self, key: str, wait: float, path: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            if wait <= 0 and lock.locked():
+                raise Busy(path)
+            try:
+                await asyncio.wait_for(lock.acquire(), wait if 0 < wait < 1e9 else None)
+            except (TimeoutError, asyncio.TimeoutError):
+                raise Busy(path) from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
 
 async def _flock(fd: int, kind: int, wait: float, path: str) -> None:
