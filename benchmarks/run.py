@@ -50,8 +50,11 @@ def sha256_rate() -> float:
     return 512 / (time.perf_counter() - start)
 
 
-def disk_rates(workdir: Path) -> dict:
-    """Durable write (write + fdatasync) and cold-ish read of 1 GiB on the benchmark disk."""
+def disk_rates(workdir: Path, rounds: int = 3) -> dict:
+    """Durable write (write + fdatasync) of 1 GiB on the benchmark disk, and its cold sequential
+    read: the file's pages dropped from the page cache (posix_fadvise DONTNEED, which needs no
+    privilege and touches nothing else), then read in 4 MiB steps with the kernel's readahead,
+    as `dd` would. The read is the limit for a pull from disk. Medians of `rounds`."""
     path = workdir / "disk-probe"
     buf = os.urandom(4 * MIB)
     start = time.perf_counter()
@@ -61,8 +64,9 @@ def disk_rates(workdir: Path) -> dict:
     os.fdatasync(fd)
     os.close(fd)
     write = 1024 / (time.perf_counter() - start)
+    reads = [sc.cold_read(path) for _ in range(rounds)]
     os.unlink(path)
-    return {"write_fdatasync_MiB/s": write}
+    return {"write_fdatasync_MiB/s": write, "read_cold_MiB/s": statistics.median(reads)}
 
 
 def loopback_rates(path: Path, rounds: int = 5) -> dict:
@@ -261,7 +265,16 @@ def run_suite(h: Harness, servers: list[Server], blobs: dict, args: argparse.Nam
         if want("pull_large"):
             for s in servers:  # make sure it is there to pull
                 sc.push_large(s, blob)
-            h.abba(f"pull_large[{label}]", servers, lambda s: sc.pull_large(s, blob), rounds)
+            h.abba(f"pull_large[{label},warm]", servers, lambda s: sc.pull_large(s, blob), rounds)
+        if want("pull_cold"):
+            for s in servers:
+                sc.push_large(s, blob)
+            h.abba(f"pull_cold[{label}]", servers, lambda s: sc.pull_cold(s, blob), rounds)
+        if want("pull_after_push") and size == parse_size(args.fresh_size):
+            for clients, later in ((1, 0.0), (args.clients, 0.0), (1, 10.0)):
+                when = f",{later:.0f} s later" if later else ""
+                h.abba(f"pull_after_push[{label},{clients} client{'s' if clients > 1 else ''}{when}]", servers,
+                       lambda s, c=clients, w=later: sc.pull_after_push(s, blob, c, later=w), rounds)
     mid = blobs["mid"]
     if want("pull_concurrent") or want("range_get"):
         for s in servers:
@@ -344,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frame", default="16M",
                    help="a second streamed push with chunked-encoding frames this large (docker's are 32K)")
     p.add_argument("--mid-size", default="256M", help="blob for pull_concurrent, range_get, resume")
-    p.add_argument("--clients", type=int, default=16, help="pull_concurrent clients")
+    p.add_argument("--clients", type=int, default=16, help="pull_concurrent and pull_after_push clients")
+    p.add_argument("--fresh-size", default="1G", help="the layer pull_after_push pushes and pulls at once")
     p.add_argument("--small-count", type=int, default=2000)
     p.add_argument("--manifest-count", type=int, default=20000, help="requests per manifest_ops run")
     p.add_argument("--range-count", type=int, default=1000)

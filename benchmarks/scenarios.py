@@ -165,6 +165,30 @@ def read_through(path: Path) -> None:
         os.close(fd)
 
 
+def cold_read(path: Path, step: int = 4 * MIB) -> float:
+    """MiB/s of a sequential read of a file whose pages were dropped from the page cache first
+    (posix_fadvise DONTNEED: no privilege needed, nothing else disturbed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        buf = bytearray(step)
+        start, total = time.perf_counter(), 0
+        while n := os.readv(fd, [buf]):
+            total += n
+        return total / MIB / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+
+
+def evict(server: Server, blob: BlobFile) -> None:
+    """Drop the server's copy of a blob from the page cache, as time or a restart would."""
+    fd = os.open(server.blob_path(blob.digest) / "data", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def warm(server: Server, blob: BlobFile) -> None:
     """Read the server's own copy of a blob once, so that both servers serve from the page cache
     (each has its copy, and the machine may have evicted one and not the other)."""
@@ -193,6 +217,54 @@ def pull_large(server: Server, blob: BlobFile, repo: str = "bench/large") -> dic
     finally:
         conn.close()
     return {"MiB/s": gets * blob.size / MIB / elapsed}
+
+
+def pull_cold(server: Server, blob: BlobFile, repo: str = "bench/large") -> dict:
+    """One GET of a blob that is on disk only (evicted from the page cache): a layer pulled long
+    after its push, or after a restart. Its limit is a cold read of the very same file, evicted
+    again and read at once after the pull (`disk_MiB/s`: the same blocks, which the disk, or the
+    host of a VM, may hold in its own cache by then): `of_disk_%` is the pull's share of it."""
+    evict(server, blob)
+    conn = BlockingConnection(server.url)
+    try:
+        start = time.perf_counter()
+        r = conn.request("GET", f"/v2/{repo}/blobs/{blob.digest}", discard=True)
+        _check(r, 200)
+        elapsed = time.perf_counter() - start
+    finally:
+        conn.close()
+    if r.received != blob.size:
+        raise HTTPError(f"short read {r.received}")
+    pulled = blob.size / MIB / elapsed
+    disk = cold_read(server.blob_path(blob.digest) / "data")
+    return {"MiB/s": pulled, "disk_MiB/s": disk, "of_disk_%": 100 * pulled / disk}
+
+
+def pull_after_push(server: Server, blob: BlobFile, clients: int, repo: str = "bench/fresh",
+                    later: float = 0.0) -> dict:
+    """What a cluster meets: a layer pushed, then pulled by `clients` nodes at once (or `later`
+    seconds later), nothing warmed by the harness (the server's copy is wherever its push and
+    the server left it: in the page cache or not). Each sample pushes the blob anew (forgetting
+    the server's copy first) and times the pulls only."""
+    push_large(server, blob, repo=repo)
+    time.sleep(later)
+
+    def one(_: int) -> int:
+        conn = BlockingConnection(server.url)
+        try:
+            r = conn.request("GET", f"/v2/{repo}/blobs/{blob.digest}", discard=True)
+            _check(r, 200)
+            return r.received
+        finally:
+            conn.close()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        total = sum(pool.map(one, range(clients)))
+    elapsed = time.perf_counter() - start
+    if total != blob.size * clients:
+        raise HTTPError("short reads")
+    return {"MiB/s": total / MIB / elapsed, "seconds": elapsed}
 
 
 def pull_concurrent(server: Server, blob: BlobFile, clients: int, repo: str = "bench/mid") -> dict:

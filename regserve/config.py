@@ -23,9 +23,10 @@ class ConfigError(Exception):
 
 
 # Leaf types: "str", "int", "bool", "duration", "list", "map" (free-form). Nested dicts are sections.
-_S, _I, _B, _D, _L, _M = "str", "int", "bool", "duration", "list", "map"
+_S, _I, _B, _D, _L, _M, _Z = "str", "int", "bool", "duration", "list", "map", "size"
 _DRIVERS = {
-    "filesystem": {"rootdirectory": _S, "maxthreads": _I, "directio": _B},  # directio: regserve's own
+    # directio, prewarm: regserve's own
+    "filesystem": {"rootdirectory": _S, "maxthreads": _I, "directio": _B, "prewarm": _Z},
     "inmemory": _M, "s3": _M, "azure": _M, "gcs": _M, "swift": _M, "oss": _M,
 }
 SCHEMA: dict[str, Any] = {
@@ -67,7 +68,7 @@ SCHEMA: dict[str, Any] = {
 IMPLEMENTED = {
     "version", "loglevel", "log.level", "log.formatter", "log.fields", "log.accesslog.disabled",
     "storage.filesystem.rootdirectory", "storage.filesystem.maxthreads",
-    "storage.filesystem.directio", "storage.delete.enabled",
+    "storage.filesystem.directio", "storage.filesystem.prewarm", "storage.delete.enabled",
     "storage.maintenance.uploadpurging.enabled", "storage.maintenance.uploadpurging.age",
     "storage.maintenance.uploadpurging.interval", "storage.maintenance.uploadpurging.dryrun",
     "storage.maintenance.readonly.enabled", "storage.cache.blobdescriptor",
@@ -107,6 +108,20 @@ def parse_duration(value: Any, key: str) -> float:
     raise ConfigError(f"{key}: expected a duration such as 10s or 24h, got {value!r}")
 
 
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
+
+
+def parse_size(value: Any, key: str) -> int:
+    """Bytes, as a number or with a unit: 512MiB, 4G, 1.5GB (binary units either way)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _SIZE_RE.fullmatch(str(value).strip()) if isinstance(value, str) else None
+    if not m:
+        raise ConfigError(f"{key}: expected a size such as 512MiB or 4GiB, got {value!r}")
+    unit = m.group(2).lower()
+    return int(float(m.group(1)) * (1024 ** ("kmgt".index(unit) + 1) if unit else 1))
+
+
 def _check(value: Any, kind: Any, key: str, seen: set[str]) -> Any:
     if isinstance(kind, dict):
         if value is None:
@@ -142,6 +157,8 @@ def _check(value: Any, kind: Any, key: str, seen: set[str]) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return value
+    if kind == _Z:
+        return parse_size(value, key)
     if kind == _M:
         return value
     raise AssertionError(kind)

@@ -241,3 +241,78 @@ def test_staging_buffers_may_be_huge_pages():
         assert eligible is not None and eligible.group(1) == "1"
     finally:
         buf.close()
+
+
+async def _commit_direct(driver: FilesystemDriver, data: bytes, dest: str) -> None:
+    writer = await driver.create()
+    await _pipeline_write(writer, [data])
+    await writer.commit(dest, len(data), readonly=True)
+
+
+@pytest.mark.parametrize("budget,warmed", [(None, 16 << 20), (4 << 20, 4 << 20), (0, 0)],
+                         ids=["default budget", "budget of 4 MiB", "off"])
+async def test_blobs_written_past_the_cache_are_read_back_after_a_while(tmp_path: Path, monkeypatch,
+                                                                     budget, warmed):
+    """A blob just committed is not in the page cache (it was written with O_DIRECT); a few
+    seconds later it is, as far as the budget goes (and not at all with none)."""
+    fincore = require_tool("fincore", "page-cache residency of a written file")
+    from regserve.storage import filesystem
+    monkeypatch.setattr(filesystem.Prewarmer, "DELAY", 0.2)
+    driver = FilesystemDriver(str(tmp_path), prewarm=budget)
+    data = os.urandom(16 << 20)
+    await _commit_direct(driver, data, "/blob/data")
+    blob = tmp_path / "blob/data"
+    assert resident_bytes(fincore, blob) <= directio.ALIGN
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if warmed and resident_bytes(fincore, blob) >= warmed:
+            break
+    await asyncio.sleep(0.3)  # and no more than that
+    assert warmed <= resident_bytes(fincore, blob) <= warmed + directio.ALIGN
+    assert blob.read_bytes() == data
+    await driver.close()
+
+
+async def test_a_cold_download_asks_the_disk_ahead_of_the_socket(aiohttp_client, app_factory, data_dir,
+                                                                monkeypatch):
+    """A blob that is on disk only is read ahead of what the socket takes: the disk is asked
+    for the whole blob, in order, a window ahead, and the bytes sent are exact."""
+    from regserve.api import sendfile
+    asked: list[tuple[int, int]] = []
+    real = sendfile._advise
+    monkeypatch.setattr(sendfile, "_advise", lambda fd, off, n: asked.append((off, n)) or real(fd, off, n))
+    client = await aiohttp_client(app_factory(REGISTRY_STORAGE_FILESYSTEM_PREWARM="0"))
+    data = os.urandom(48 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert (await client.post(f"/v2/a/blobs/uploads/?digest={digest}", data=data)).status == 201
+    r = await client.get(f"/v2/a/blobs/{digest}")
+    assert r.status == 200 and await r.read() == data
+    assert asked and asked[0][0] == 0
+    covered = sorted(asked)
+    assert all(a[0] + a[1] == b[0] for a, b in zip(covered, covered[1:]))  # no gap, no overlap
+    assert covered[-1][0] + covered[-1][1] == len(data)
+
+
+async def test_a_layer_pushed_in_a_session_is_in_the_cache_soon_after(aiohttp_client, app_factory, data_dir,
+                                                                    monkeypatch):
+    """docker's way: the data goes in with a PATCH, the PUT that commits it carries none. The
+    layer is read back into the page cache a little after the PUT, ready for the pulls that
+    follow a push."""
+    fincore = require_tool("fincore", "page-cache residency of a written file")
+    from regserve.storage import filesystem
+    monkeypatch.setattr(filesystem.Prewarmer, "DELAY", 0.2)
+    client = await aiohttp_client(app_factory())
+    data = os.urandom(24 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    r = await client.post("/v2/a/blobs/uploads/")
+    r = await client.patch(r.headers["Location"], data=data)
+    assert r.status == 202
+    assert (await client.put(f"{r.headers['Location']}?digest={digest}")).status == 201
+    h = digest.split(":")[1]
+    blob = data_dir / f"docker/registry/v2/blobs/sha256/{h[:2]}/{h}/data"
+    assert resident_bytes(fincore, blob) < 1 << 20  # written past the cache
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if resident_bytes(fincore, blob) == len(data):
+            break
+    assert resident_bytes(fincore, blob) == len(data)

@@ -15,5 +15,5 @@ def create_driver(kind: str, params: dict[str, Any]) -> StorageDriver:
         from .filesystem import FilesystemDriver
         return FilesystemDriver(params.get("rootdirectory", "/var/lib/registry"),
                                 int(params.get("maxthreads", 100)),
-                                params.get("directio"))
+                                params.get("directio"), params.get("prewarm"))
     raise ValueError(f"storage driver {kind!r} is not available")

@@ -19,6 +19,7 @@ import fcntl
 import os
 import re
 import stat as stat_mod
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 from ..uncancellable import to_the_end
+from . import pagecache
 from .base import AlreadyExists, Busy, CommitMismatch, FileInfo, FileWriter, PathNotFound, StorageDriver, check_path
 from .directio import DirectAppender, direct_io_suits
 
@@ -136,6 +138,97 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+class Prewarmer:
+    """Reads blobs just committed back into the page cache, in a thread of its own. Upload data
+    is written past the cache (O_DIRECT), so without this the pull that usually follows a push
+    a while later would read the disk, where distribution, which writes through the cache, would
+    serve it from memory. It waits DELAY first: a pull that comes at once reads ahead for itself
+    (api/sendfile.py), and a second stream of reads of the same file only slows it (1 GiB pulled
+    at once: 1,765 MiB/s with an immediate pre-warm, 1,975 without). Then it asks the kernel to
+    read (pagecache.read_ahead) what is not cached yet, the blob's head first, STEP at a time in
+    turn with other blobs, and at most `budget` bytes a minute of such reads, so a stream of
+    large pushes cannot evict the rest of what the host caches (0: never)."""
+
+    STEP = 64 << 20  # looked at, and asked for, at a time: the next blob's turn comes soon
+    DELAY = 3.0
+    MIN_SIZE = 1 << 20  # smaller blobs are mostly written through the cache anyway
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._window = 0.0
+        self._spent = 0
+        self._lock = threading.Lock()
+        self._timers: set[threading.Timer] = set()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prewarm")
+
+    def schedule(self, full: str, size: int) -> None:
+        if size < self.MIN_SIZE:
+            return
+        timer = threading.Timer(self.DELAY, self._submit, (full, 0, size))
+        timer.daemon = True
+        with self._lock:
+            self._timers = {t for t in self._timers if t.is_alive()} | {timer}
+        timer.start()
+
+    def _submit(self, full: str, offset: int, size: int) -> None:
+        try:
+            self._pool.submit(self._warm, full, offset, size)
+        except RuntimeError:
+            pass  # closed meanwhile
+
+    def _allow(self, wanted: int) -> int:
+        """How much of `wanted` bytes of reads this minute's budget still allows (and spend it)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._window >= 60.0:
+                self._window, self._spent = now, 0
+            allowed = max(0, min(wanted, self.budget - self._spent))
+            self._spent += allowed
+            return allowed
+
+    def _warm(self, full: str, offset: int, size: int) -> None:
+        """Ask for what is missing of the next STEP, then queue the rest behind the blobs
+        waiting meanwhile."""
+        try:
+            fd = os.open(full, os.O_RDONLY)
+        except OSError:
+            return  # deleted meanwhile
+        try:
+            for start, end in pagecache.missing(fd, offset, min(self.STEP, size - offset)):
+                allowed = self._allow(end - start)
+                if allowed:
+                    pagecache.read_ahead(fd, start, allowed)
+                if allowed < end - start:
+                    return  # this minute's budget is spent
+        except OSError:
+            return  # only a hint
+        finally:
+            os.close(fd)
+        if offset + self.STEP < size:
+            self._submit(full, offset + self.STEP, size)
+
+    def close(self) -> None:
+        with self._lock:
+            timers, self._timers = self._timers, set()
+        for timer in timers:
+            timer.cancel()
+        self._pool.shutdown(wait=False)
+
+
+def default_prewarm_budget() -> int:
+    """An eighth of the memory this process may use (its cgroup's limit, else the host's), at
+    most 4 GiB, a minute."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return min(total // 8, 4 << 30)
+
+
 class FilesystemWriter(FileWriter):
     def __init__(self, driver: "FilesystemDriver", full: str, fd: int, private: bool) -> None:
         super().__init__()
@@ -232,6 +325,8 @@ class FilesystemWriter(FileWriter):
         _fsync_dir(os.path.dirname(dest_full))
         self._full = dest_full
         self._private = False
+        if readonly and self._driver.prewarm is not None:  # uploads go past the cache
+            self._driver.prewarm.schedule(dest_full, size)
 
     async def cancel(self) -> None:
         await self.close()
@@ -254,14 +349,18 @@ class FilesystemDriver(StorageDriver):
     name = "filesystem"
 
     def __init__(self, rootdirectory: str, maxthreads: int = 100,
-                 direct_io: bool | None = None) -> None:
-        """`direct_io`: write uploads with O_DIRECT; None chooses by the filesystem's type."""
+                 direct_io: bool | None = None, prewarm: int | None = None) -> None:
+        """`direct_io`: write uploads with O_DIRECT; None chooses by the filesystem's type.
+        `prewarm`: bytes a minute of blobs just committed read back into the page cache
+        (Prewarmer); None for the default budget, 0 for none."""
         self.root = os.path.abspath(rootdirectory)
         self._temp = os.path.join(self.root, PRIVATE, "tmp")
         os.makedirs(self._temp, exist_ok=True)
         self.direct_io = direct_io_suits(self.root) if direct_io is None else direct_io
         self._pool = ThreadPoolExecutor(max_workers=max(4, maxthreads), thread_name_prefix="fs")
         self._local = _LocalLocks()
+        budget = default_prewarm_budget() if prewarm is None else prewarm
+        self.prewarm = Prewarmer(budget) if budget > 0 and self.direct_io and _CAN_DROP else None
 
     def _full(self, path: str) -> str:
         check_path(path)
@@ -489,6 +588,8 @@ class FilesystemDriver(StorageDriver):
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False)
+        if self.prewarm is not None:
+            self.prewarm.close()
 
 
 class _LocalLocks:
