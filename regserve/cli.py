@@ -14,7 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the registry")
     serve.add_argument("config", nargs="?", help="distribution-style config.yml (default: "
                        "$REGISTRY_CONFIGURATION_PATH, else 127.0.0.1:5000 over ./data)")
-    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="processes sharing the port (SO_REUSEPORT); default: the cores this process may "
+                       "use (CPU affinity and cgroup quota)")
     gc = sub.add_parser("garbage-collect", help="delete blobs no manifest references (registry stopped "
                         "or read-only), as distribution's garbage-collect")
     gc.add_argument("config", nargs="?", help="the registry's config.yml")
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         except config_mod.ConfigError as e:
             print(f"regserve: configuration error: {e}", file=sys.stderr)
             return 2
-        if args.workers < 1:
+        if args.workers is not None and args.workers < 1:
             print("regserve: --workers must be at least 1", file=sys.stderr)
             return 2
         from .auth.htpasswd import HtpasswdError

@@ -61,7 +61,9 @@ SCHEMA: dict[str, Any] = {
                      "minimumtls": _S, "ciphersuites": _L, "letsencrypt": _M},
              "debug": {"addr": _S, "prometheus": {"enabled": _B, "path": _S}, "pprof": _M},
              "http2": {"disabled": _B}, "h2c": {"enabled": _B}},
-    "notifications": _M, "redis": _M, "health": _M, "proxy": _M, "validation": _M,
+    "health": {"storagedriver": {"enabled": _B, "interval": _D, "threshold": _I},
+               "file": _L, "http": _L, "tcp": _L},
+    "notifications": _M, "redis": _M, "proxy": _M, "validation": _M,
     "compatibility": _M, "catalog": {"maxentries": _I},
 }
 # Keys regserve acts on; anything else that is set is reported as ignored.
@@ -75,7 +77,7 @@ IMPLEMENTED = {
     "storage.cache.blobdescriptorsize", "storage.redirect.disable", "http.addr", "http.net",
     "http.host", "http.prefix", "http.secret", "http.relativeurls", "http.draintimeout",
     "http.headers", "http.sendfile", "http.maxconnections", "http.timeouts", "catalog.maxentries",
-    "auth.htpasswd", "auth.token.realm",
+    "http.debug.addr", "http.debug.prometheus", "health", "auth.htpasswd", "auth.token.realm",
     "auth.token.service", "auth.token.issuer", "auth.token.rootcertbundle", "auth.token.jwks",
     "auth.token.signingalgorithms", "auth.tokenserver", "auth.accesscontrol", "http.tls.certificate",
     "http.tls.key", "http.tls.clientcas", "http.tls.clientauth", "http.tls.minimumtls",
@@ -208,6 +210,7 @@ def _apply_env(doc: dict[str, Any], env: Mapping[str, str]) -> None:
 class Config:
     raw: dict[str, Any] = field(default_factory=dict)
     log_level: str = "info"
+    log_formatter: str = "text"             # text, json (logstash: json)
     access_log: bool = True
     addr: str = "127.0.0.1:5000"
     host: str | None = None
@@ -226,6 +229,9 @@ class Config:
     body_idle_timeout: float = 60.0
     write_timeout: float = 60.0
     max_connections: int = 10000
+    debug_addr: str | None = None           # http.debug.addr: health and metrics
+    prometheus: bool = False
+    prometheus_path: str = "/metrics"
     storage_driver: str = "filesystem"
     storage_params: dict[str, Any] = field(default_factory=lambda: {"rootdirectory": "./data"})
     delete_enabled: bool = False
@@ -312,6 +318,9 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     if c.log_level not in ("error", "warn", "info", "debug"):
         raise ConfigError(f"log.level: expected error, warn, info or debug, got {c.log_level!r}")
     c.access_log = not _get(doc, "log.accesslog.disabled", False)
+    c.log_formatter = str(_get(doc, "log.formatter") or "text").lower()
+    if c.log_formatter not in ("text", "json", "logstash"):
+        raise ConfigError(f"log.formatter: expected text, json or logstash, got {c.log_formatter!r}")
     c.addr = _get(doc, "http.addr", ":5000")
     if _get(doc, "http.net", "tcp") != "tcp":
         raise ConfigError("http.net: only tcp is supported")
@@ -334,6 +343,11 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
                 raise ConfigError(f"http.timeouts.{key}: must be more than zero")
             setattr(c, attr, seconds)
     c.max_connections = int(_get(doc, "http.maxconnections", c.max_connections))
+    c.debug_addr = _get(doc, "http.debug.addr") or None
+    c.prometheus = bool(_get(doc, "http.debug.prometheus.enabled", False))
+    c.prometheus_path = _get(doc, "http.debug.prometheus.path") or "/metrics"
+    if c.prometheus and not c.debug_addr:
+        raise ConfigError("http.debug.prometheus.enabled: needs http.debug.addr (where /metrics is served)")
     if c.max_connections < 1:
         raise ConfigError("http.maxconnections: must be at least 1")
     c.storage_driver = driver

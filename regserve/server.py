@@ -6,19 +6,24 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import math
 import multiprocessing
 import os
 import random
 import resource
+import shutil
 import signal
 import socket
 import ssl
 import sys
+import tempfile
 import time
 
 from aiohttp import web
 
+from . import logs, metrics
 from .api.app import RUNNER_OPTIONS, make_app, make_registry
+from .api.debug import make_debug_app
 from .config import TLS_CLIENT_AUTH, TLS_VERSIONS, Config
 from .connections import Limits, RegistryRunner
 
@@ -26,24 +31,64 @@ log = logging.getLogger("regserve")
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
-    """distribution's http.addr: "host:port", ":port" (every interface) or "[v6]:port"."""
+    """distribution's http.addr: "host:port", ":port" (every address: host "") or "[v6]:port"."""
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"http.addr: expected host:port, got {addr!r}")
-    host = host.strip("[]")
-    return host or "0.0.0.0", int(port)
+    return host.strip("[]"), int(port)
 
 
 def listen_socket(host: str, port: int, listen: bool = True) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """A socket bound to `host` ("": every address, IPv6 and IPv4 as Go's ":5000" is, or IPv4's
+    alone where the host has no IPv6), SO_REUSEPORT so that every worker binds its own."""
+    if host == "":
+        try:
+            return _bind(socket.AF_INET6, "::", port, listen, dual=True)
+        except OSError:  # no IPv6 here (disabled in the kernel or the container)
+            host = "0.0.0.0"
+    return _bind(socket.AF_INET6 if ":" in host else socket.AF_INET, host, port, listen)
+
+
+def _bind(family: int, host: str, port: int, listen: bool, dual: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    if listen:
-        sock.listen(1024)
-    sock.setblocking(False)
-    return sock
+    try:
+        if dual:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+    except OSError:
+        sock.close()
+        raise
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, within its cgroup's CPU quota (a
+    container limited to 1.5 CPUs gets 2 workers, one pinned to 3 cores gets 3)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota()
+    return max(1, min(cores, math.ceil(quota)) if quota else cores)
+
+
+def _cgroup_quota() -> float | None:
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),  # cgroup v2: "max 100000"
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):   # cgroup v1
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if parse is not None:
+            quota, period = parse(text)
+            return None if quota == "max" else int(quota) / int(period)
+        quota = int(text)
+        if quota <= 0:
+            return None
+        return quota / int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+    return None
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt(3) parameters
@@ -78,13 +123,8 @@ def raise_open_files_limit() -> int:
 
 
 def setup_logging(config: Config) -> None:
-    level = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
-             "debug": logging.DEBUG}[config.log_level]
-    fields = " ".join(f"{k}={v}" for k, v in (config.raw.get("log", {}).get("fields") or {}).items())
-    fmt = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s" + (f" {fields}" if fields else "")
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
-    if not config.access_log:
-        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logs.setup(config.log_level, config.log_formatter,
+               config.raw.get("log", {}).get("fields") or {}, config.access_log)
 
 
 async def _purge_loop(app: web.Application, config: Config) -> None:
@@ -123,40 +163,53 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-async def serve(config: Config, sock: socket.socket, purge: bool = True) -> None:
-    app = make_app(config, make_registry(config))
-    runner = RegistryRunner(app, Limits.of(config),
-                            access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
-                            **RUNNER_OPTIONS)
+async def serve(config: Config, sock: socket.socket, purge: bool = True,
+                debug_sock: socket.socket | None = None) -> None:
+    if config.prometheus:
+        metrics.enable()
+    registry = make_registry(config)
+    app = make_app(config, registry)
+    runner = RegistryRunner(app, Limits.of(config), access_log=logging.getLogger(logs.ACCESS_LOGGER),
+                            access_log_class=logs.AccessLogger, **RUNNER_OPTIONS)
     await runner.setup()
     site = web.SockSite(runner, sock, shutdown_timeout=config.drain_timeout or 5.0,
                         ssl_context=tls_context(config))
     await site.start()
+    debug_runner = None
+    if debug_sock is not None:  # health and metrics, apart from the API and its auth
+        debug_runner = web.AppRunner(make_debug_app(config, registry), access_log=None)
+        await debug_runner.setup()
+        await web.SockSite(debug_runner, debug_sock).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     purger = asyncio.ensure_future(_purge_loop(app, config)) if purge and config.upload_purging else None
     await stop.wait()
+    log.info("stopping: in-flight requests get up to %ss", config.drain_timeout or 5.0)
     if purger:
         purger.cancel()
     await runner.cleanup()
+    if debug_runner is not None:
+        await debug_runner.cleanup()
 
 
-def _run_loop(config: Config, sock: socket.socket, purge: bool) -> None:
+def _run_loop(config: Config, sock: socket.socket, purge: bool, debug_sock: socket.socket | None) -> None:
     try:
         import uvloop
-        uvloop.run(serve(config, sock, purge))
+        uvloop.run(serve(config, sock, purge, debug_sock))
     except ImportError:
-        asyncio.run(serve(config, sock, purge))
+        asyncio.run(serve(config, sock, purge, debug_sock))
 
 
-def _worker(config: Config, host: str, port: int, index: int, reserved: socket.socket) -> None:
-    reserved.close()  # inherited from the parent; it must not linger in the SO_REUSEPORT group
+def _worker(config: Config, index: int, inherited: list[socket.socket]) -> None:
+    for reserved in inherited:  # the parent's: they must not linger in the SO_REUSEPORT group
+        reserved.close()
     setup_logging(config)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    sock = listen_socket(host, port)
-    _run_loop(config, sock, purge=index == 0)
+    sock = listen_socket(*parse_addr(config.addr))
+    debug = listen_socket(*parse_addr(config.debug_addr)) if config.debug_addr else None
+    _run_loop(config, sock, index == 0, debug)
 
 
 def check(config: Config) -> None:
@@ -167,34 +220,50 @@ def check(config: Config) -> None:
     tls_context(config)
 
 
-def run(config: Config, workers: int = 1) -> None:
+def run(config: Config, workers: int | None = None) -> None:
     setup_logging(config)
     tune_malloc()
+    workers = workers or usable_cores()
     files = raise_open_files_limit()
     if files < 2 * config.max_connections:
         log.warning("open files limit %d is low for http.maxconnections %d", files, config.max_connections)
     check(config)
     host, port = parse_addr(config.addr)
-    # Bound, not yet listening: it reserves the port (and resolves port 0). Only listening
-    # sockets receive connections, so with workers it never takes any.
+    # Bound, not yet listening: they reserve the ports (and resolve port 0). Only listening
+    # sockets receive connections, so with workers they never take any.
     sock = listen_socket(host, port, listen=False)
-    port = sock.getsockname()[1]
+    config.addr = f"[{host}]:{sock.getsockname()[1]}" if ":" in host else f"{host}:{sock.getsockname()[1]}"
+    debug = listen_socket(*parse_addr(config.debug_addr), listen=False) if config.debug_addr else None
+    metrics_dir = tempfile.mkdtemp(prefix="regserve-metrics-") if config.prometheus and workers > 1 else None
+    if config.prometheus:
+        metrics.prepare(metrics_dir)
     root = config.rootdirectory
-    log.info("regserve listening on %s://%s:%d (storage: %s%s, auth: %s, workers: %d)",
-             "https" if config.tls_certificate else "http", host, port, config.storage_driver,
-             f" {os.path.abspath(root)}" if root else "", config.auth_mode, workers)
+    log.info("regserve listening on %s://%s (storage: %s%s, auth: %s, workers: %d%s)",
+             "https" if config.tls_certificate else "http", config.addr if host else "*" + config.addr,
+             config.storage_driver, f" {os.path.abspath(root)}" if root else "", config.auth_mode, workers,
+             f", health and metrics on {config.debug_addr}" if debug else "")
     for key in config.ignored:
         log.warning("configuration key %s is accepted but not used by regserve", key)
     sys.stderr.flush()
-    if workers <= 1:
-        sock.listen(1024)
-        _run_loop(config, sock, purge=True)
-        return
-    # Each worker binds its own SO_REUSEPORT socket; the kernel spreads connections. The parent's
-    # socket holds the port until every worker listens, then is closed.
+    try:
+        if workers <= 1:
+            sock.listen(1024)
+            if debug is not None:
+                debug.listen(128)
+            _run_loop(config, sock, True, debug)
+        else:
+            _supervise(config, workers, [s for s in (sock, debug) if s is not None])
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    log.info("regserve stopped")
+
+
+def _supervise(config: Config, workers: int, reserved: list[socket.socket]) -> None:
+    """Each worker binds its own SO_REUSEPORT sockets; the kernel spreads connections. The
+    parent's sockets hold the ports until every worker listens, then are closed."""
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(config, host, port, i, sock), daemon=False)
-             for i in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(config, i, reserved), daemon=False) for i in range(workers)]
     for p in procs:
         p.start()
     stopping = False
@@ -209,10 +278,13 @@ def run(config: Config, workers: int = 1) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     time.sleep(0.5)
-    sock.close()
+    for s in reserved:
+        s.close()
     while any(p.is_alive() for p in procs):
         for p in procs:
             p.join(timeout=0.5)
+            if p.exitcode is not None and p.pid and config.prometheus:
+                metrics.process_exited(p.pid)
             if not stopping and p.exitcode not in (None, 0):
                 log.error("worker %d exited with %s; stopping", p.pid, p.exitcode)
                 stop(signal.SIGTERM, None)

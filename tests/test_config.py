@@ -126,7 +126,7 @@ def test_unreadable_and_invalid_yaml(tmp_path):
 def test_ignored_keys_are_reported(tmp_path):
     c = load(write(tmp_path, SEED_CONFIG + "redis:\n  addr: localhost:6379\n"), {})
     assert "storage.filesystem.rootdirectory" not in c.ignored and "auth.htpasswd.path" not in c.ignored
-    assert "redis" in c.ignored and "health" in c.ignored
+    assert "redis" in c.ignored and "health" not in c.ignored
 
 
 @pytest.mark.parametrize("text,seconds", [("10s", 10), ("168h", 168 * 3600), ("1h30m", 5400),
@@ -214,3 +214,36 @@ def test_empty_environment_values_leave_typed_keys_unset():
                     "REGISTRY_HTTP_PREFIX": ""})
     assert c.delete_enabled is False and c.sendfile is None
     assert c.catalog_max_entries == 1000 and c.drain_timeout == 0.0 and c.prefix == ""
+
+
+def test_connection_limits_and_timeouts(tmp_path):
+    c = load(None, {"REGISTRY_HTTP_TIMEOUTS_READHEADER": "5s", "REGISTRY_HTTP_TIMEOUTS_BODYIDLE": "2m",
+                    "REGISTRY_HTTP_MAXCONNECTIONS": "500"})
+    assert (c.read_header_timeout, c.body_idle_timeout, c.idle_timeout, c.write_timeout) == (5, 120, 120, 60)
+    assert c.max_connections == 500
+    with pytest.raises(ConfigError, match="http.timeouts.idle"):
+        load(None, {"REGISTRY_HTTP_TIMEOUTS_IDLE": "0s"})
+    with pytest.raises(ConfigError, match="http.maxconnections"):
+        load(None, {"REGISTRY_HTTP_MAXCONNECTIONS": "0"})
+
+
+@pytest.mark.parametrize("value,size", [("512MiB", 512 << 20), ("4G", 4 << 30), ("1.5GB", 3 << 29), ("0", 0),
+                                        ("1048576", 1 << 20)])
+def test_prewarm_budget_sizes(value, size):
+    assert load(None, {"REGISTRY_STORAGE_FILESYSTEM_PREWARM": value}).storage_params["prewarm"] == size
+
+
+def test_prewarm_budget_must_be_a_size():
+    with pytest.raises(ConfigError, match="storage.filesystem.prewarm"):
+        load(None, {"REGISTRY_STORAGE_FILESYSTEM_PREWARM": "lots"})
+
+
+def test_log_formatter_and_debug_address(tmp_path):
+    c = load(None, {"REGISTRY_LOG_FORMATTER": "json", "REGISTRY_HTTP_DEBUG_ADDR": "localhost:5001",
+                    "REGISTRY_HTTP_DEBUG_PROMETHEUS_ENABLED": "true"})
+    assert (c.log_formatter, c.debug_addr, c.prometheus, c.prometheus_path) == ("json", "localhost:5001", True,
+                                                                                "/metrics")
+    with pytest.raises(ConfigError, match="log.formatter"):
+        load(None, {"REGISTRY_LOG_FORMATTER": "xml"})
+    with pytest.raises(ConfigError, match="needs http.debug.addr"):
+        load(None, {"REGISTRY_HTTP_DEBUG_PROMETHEUS_ENABLED": "true"})

@@ -7,9 +7,12 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
+from .. import metrics
 from ..config import Config
+from ..logs import request_id_header, request_id_middleware
 from ..registry import Registry
 from ..storage import StorageDriver, create_driver
+from ..storage.instrumented import InstrumentedDriver
 from . import auth, base, blobs, catalog, manifests, referrers, tags, token, uploads
 from .common import API_VERSION, CONFIG_KEY, REGISTRY_KEY
 from .errors import error_middleware
@@ -22,12 +25,15 @@ RUNNER_OPTIONS = {"handler_cancellation": False, "read_bufsize": 1 << 20, "auto_
 
 def make_registry(config: Config, driver: StorageDriver | None = None) -> Registry:
     driver = driver or create_driver(config.storage_driver, config.storage_params)
+    if metrics.ENABLED:
+        driver = InstrumentedDriver(driver)
     return Registry(driver, delete_enabled=config.delete_enabled, readonly=config.readonly)
 
 
 def make_app(config: Config, registry: Registry | None = None,
              clock: Callable[[], float] = time.time) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth.auth_middleware], client_max_size=4 << 20)
+    app = web.Application(middlewares=[request_id_middleware, error_middleware, auth.auth_middleware],
+                          client_max_size=4 << 20)
     controller, issuer = auth.build(config, clock)
     if controller is not None:
         app[auth.CONTROLLER_KEY] = controller
@@ -40,6 +46,7 @@ def make_app(config: Config, registry: Registry | None = None,
 
     async def spec_headers(request: web.Request, response: web.StreamResponse) -> None:
         response.headers[API_VERSION[0]] = API_VERSION[1]
+        request_id_header(request, response)
         for k, v in extra:
             response.headers.add(k, v)
 

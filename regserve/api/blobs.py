@@ -8,6 +8,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
+from .. import metrics
 from ..errors import BlobUnknown, RangeNotSatisfiable
 from ..reference import Digest, UnknownAlgorithm, parse_digest
 from ..storage import PathNotFound
@@ -106,6 +107,7 @@ async def _stream(request: web.Request, response: web.StreamResponse, chunks: As
                     await response.write(chunk)
         except OSError as err:  # TimeoutError included
             return hang_up(request, response, err)
+        metrics.pulled(count)
     await response.write_eof()
     return response
 

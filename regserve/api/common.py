@@ -9,6 +9,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import StreamReader, web
 
+from .. import metrics
 from ..config import Config
 from ..errors import BlobUploadInvalid, PaginationInvalid
 from ..reference import Digest
@@ -67,6 +68,7 @@ class RequestBody:
         self._content = request.content
         self.on_idle: Callable[[], Awaitable[None]] | None = None
         self._signalled = False
+        self.received = 0
         request[BODY_KEY] = self
 
     def __aiter__(self) -> AsyncIterator[list[bytes]]:
@@ -74,20 +76,27 @@ class RequestBody:
 
     async def _pieces(self) -> AsyncIterator[list[bytes]]:
         content = self._content
-        if not _TAKES_PIECES:
-            while data := await content.readany():
+        metrics.upload_started()
+        try:
+            if not _TAKES_PIECES:
+                while data := await content.readany():
+                    self._signalled = False
+                    self.received += len(data)
+                    yield [data]
+                    data = b""  # not kept while waiting for more
+                return
+            while first := await _first_piece(content):
                 self._signalled = False
-                yield [data]
-                data = b""  # not kept while waiting for more
-            return
-        while first := await _first_piece(content):
-            self._signalled = False
-            pieces = [first]
-            first = b""
-            while content._buffer:  # what readany() would join
-                pieces.append(content._read_nowait_chunk(-1))
-            yield pieces
-            pieces = []  # the consumer has them: not kept while waiting for more
+                pieces = [first]
+                first = b""
+                while content._buffer:  # what readany() would join
+                    pieces.append(content._read_nowait_chunk(-1))
+                self.received += sum(map(len, pieces))
+                yield pieces
+                pieces = []  # the consumer has them: not kept while waiting for more
+        finally:
+            metrics.upload_ended()
+            metrics.pushed(self.received)
 
     def idle(self) -> bool:
         """The client has sent nothing for a while: tell the consumer, once per such pause.

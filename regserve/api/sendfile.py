@@ -41,6 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from aiohttp import web
 
+from .. import metrics
 from ..storage import pagecache
 
 log = logging.getLogger("regserve.download")
@@ -210,6 +211,8 @@ async def send_file(request: web.Request, response: web.StreamResponse, path: st
         except (OSError, TimeoutError) as err:
             return hang_up(request, response, err)
         await response.write_eof()
+        if request.method != "HEAD":
+            metrics.pulled(count)
         return response
     finally:
         os.close(file_fd)

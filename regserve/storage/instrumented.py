@@ -1,0 +1,135 @@
+"""A driver wrapped so that every call of the contract is timed, and its failures counted, in the
+metrics (regserve_storage_operation_duration_seconds, regserve_storage_errors). "Not found" is an
+answer, not a failure. Writers are wrapped too, for their writes and commits; the pipeline's
+per-piece staging goes straight to the driver's own writer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Sequence
+
+from .. import metrics
+from .base import AlreadyExists, FileInfo, FileWriter, PathNotFound, StorageDriver
+
+_ANSWERS = (PathNotFound, AlreadyExists)
+
+
+class _Timed:
+    def __init__(self, driver: str, operation: str) -> None:
+        self.driver, self.operation = driver, operation
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
+        failed = error is not None and not isinstance(error, _ANSWERS)
+        metrics.storage(self.driver, self.operation, time.perf_counter() - self.start, failed)
+
+
+class InstrumentedDriver(StorageDriver):
+    def __init__(self, inner: StorageDriver) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def _t(self, operation: str) -> _Timed:
+        return _Timed(self.name, operation)
+
+    async def get_content(self, path: str) -> bytes:
+        with self._t("get_content"):
+            return await self.inner.get_content(path)
+
+    async def reader(self, path: str, offset: int = 0, length: int | None = None,
+                     chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        chunks = self.inner.reader(path, offset, length, chunk_size)
+        with self._t("reader"):  # the open and first read
+            first = await anext(chunks, None)
+        if first is not None:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+
+    async def stat(self, path: str) -> FileInfo:
+        with self._t("stat"):
+            return await self.inner.stat(path)
+
+    async def list(self, path: str) -> list[str]:
+        with self._t("list"):
+            return await self.inner.list(path)
+
+    async def put_content(self, path: str, data: bytes, durable: bool = True, exclusive: bool = False) -> None:
+        with self._t("put_content"):
+            await self.inner.put_content(path, data, durable, exclusive)
+
+    async def create(self) -> FileWriter:
+        with self._t("create"):
+            return _Writer(self.name, await self.inner.create())
+
+    async def append(self, path: str) -> FileWriter:
+        with self._t("append"):
+            return _Writer(self.name, await self.inner.append(path))
+
+    async def move(self, source: str, dest: str) -> None:
+        with self._t("move"):
+            await self.inner.move(source, dest)
+
+    async def delete(self, path: str) -> None:
+        with self._t("delete"):
+            await self.inner.delete(path)
+
+    @asynccontextmanager
+    async def lock(self, path: str, wait: float = 0.0, shared: bool = False) -> AsyncIterator[None]:
+        owned = self.inner.lock(path, wait, shared)
+        with self._t("lock"):
+            await owned.__aenter__()
+        try:
+            yield
+        except BaseException as e:
+            if not await owned.__aexit__(type(e), e, e.__traceback__):
+                raise
+        else:
+            await owned.__aexit__(None, None, None)
+
+    async def purge_temporaries(self, older_than: float) -> int:
+        with self._t("purge_temporaries"):
+            return await self.inner.purge_temporaries(older_than)
+
+    def local_path(self, path: str) -> str | None:
+        return self.inner.local_path(path)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # a driver's own extras (prewarm, direct_io, root)
+        return getattr(self.inner, name)
+
+
+class _Writer(FileWriter):
+    def __init__(self, driver: str, inner: FileWriter) -> None:
+        self._driver, self._inner = driver, inner
+        self.stage = inner.stage  # type: ignore[method-assign]  # per piece: no wrapping
+        self.take_staged = inner.take_staged  # type: ignore[method-assign]
+        self.release_staging = inner.release_staging  # type: ignore[method-assign]
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        return self._inner.size
+
+    async def write(self, chunks: Sequence[bytes]) -> None:
+        with _Timed(self._driver, "write"):
+            await self._inner.write(chunks)
+
+    def write_from_thread(self, staged: Sequence[Any], loop: asyncio.AbstractEventLoop) -> None:
+        with _Timed(self._driver, "write"):
+            self._inner.write_from_thread(staged, loop)
+
+    async def commit(self, dest: str, size: int, readonly: bool = False) -> None:
+        with _Timed(self._driver, "commit"):
+            await self._inner.commit(dest, size, readonly)
+
+    async def cancel(self) -> None:
+        await self._inner.cancel()
+
+    async def close(self) -> None:
+        await self._inner.close()
