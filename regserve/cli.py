@@ -17,12 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, default=None,
                        help="processes sharing the port (SO_REUSEPORT); default: the cores this process may "
                        "use (CPU affinity and cgroup quota)")
-    gc = sub.add_parser("garbage-collect", help="delete blobs no manifest references (registry stopped "
-                        "or read-only), as distribution's garbage-collect")
+    gc = sub.add_parser("garbage-collect", help="delete blobs no manifest references, as distribution's "
+                        "garbage-collect; safe while the registry serves")
     gc.add_argument("config", nargs="?", help="the registry's config.yml")
     gc.add_argument("-d", "--dry-run", action="store_true", help="only list what would be deleted")
     gc.add_argument("-m", "--delete-untagged", action="store_true",
                     help="also delete manifests no tag reaches (kept: children of kept indexes, referrers)")
+    gc.add_argument("--grace", default=None, help="keep what was written or referenced this recently "
+                    "(a duration such as 30m; default: storage.maintenance.gc.grace, else 1h)")
     users = sub.add_parser("htpasswd", help="manage users of a bcrypt htpasswd file")
     users.add_argument("action", choices=["add", "remove", "list"])
     users.add_argument("file")
@@ -71,27 +73,50 @@ def garbage_collect_command(args: argparse.Namespace) -> int:
     from .storage import PathNotFound
     try:
         config = config_mod.load(args.config)
+        grace = config.gc_grace if args.grace is None else config_mod.parse_duration(args.grace, "--grace")
     except config_mod.ConfigError as e:
         print(f"regserve: configuration error: {e}", file=sys.stderr)
         return 2
     registry = make_registry(config)
+    show = _Progress(sys.stderr)
 
     async def run() -> None:
         try:
-            await collect(registry, dry_run=args.dry_run, delete_untagged=args.delete_untagged)
+            await collect(registry, dry_run=args.dry_run, delete_untagged=args.delete_untagged, grace=grace,
+                          log=show.line, progress=show.update)
         finally:
             await registry.driver.close()
 
     try:
         asyncio.run(run())
     except (GarbageCollectionAborted, RegistryBusy) as e:
-        print(f"regserve garbage-collect: {e}", file=sys.stderr)
+        show.line(f"regserve garbage-collect: {e}", sys.stderr)
         return 1
     except (OSError, PathNotFound) as e:  # a delete failed: stop there, loudly
-        print(f"regserve garbage-collect: stopped by a storage error while deleting: {e}",
-              file=sys.stderr)
+        show.line(f"regserve garbage-collect: stopped by a storage error while deleting: {e}", sys.stderr)
         return 1
     return 0
+
+
+class _Progress:
+    """On a terminal, one line that shows the phase and how far it is; elsewhere nothing extra."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+        self.shown = False
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        if self.live:
+            self.stream.write(f"\r\033[K{phase}: {done}/{total}")
+            self.stream.flush()
+            self.shown = True
+
+    def line(self, text: str, stream=None) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.shown = False
+        print(text, file=stream or sys.stdout, flush=True)
 
 
 def _read_password(args: argparse.Namespace) -> str:

@@ -41,7 +41,10 @@ SCHEMA: dict[str, Any] = {
                 "tag": {"concurrencylimit": _I},
                 "maintenance": {"uploadpurging": {"enabled": _B, "age": _D, "interval": _D,
                                                   "dryrun": _B},
-                                "readonly": {"enabled": _B}}},
+                                "readonly": {"enabled": _B},
+                                # regserve's own: garbage collection inside the server
+                                "gc": {"enabled": _B, "interval": _D, "grace": _D, "untagged": _B,
+                                       "dryrun": _B}}},
     "auth": {"htpasswd": {"realm": _S, "path": _S},
              "token": {"realm": _S, "service": _S, "issuer": _S, "rootcertbundle": _S,
                        "jwks": _S, "autoredirect": _B, "autoredirectpath": _S,
@@ -73,7 +76,7 @@ IMPLEMENTED = {
     "storage.filesystem.directio", "storage.filesystem.prewarm", "storage.delete.enabled",
     "storage.maintenance.uploadpurging.enabled", "storage.maintenance.uploadpurging.age",
     "storage.maintenance.uploadpurging.interval", "storage.maintenance.uploadpurging.dryrun",
-    "storage.maintenance.readonly.enabled", "storage.cache.blobdescriptor",
+    "storage.maintenance.readonly.enabled", "storage.maintenance.gc", "storage.cache.blobdescriptor",
     "storage.cache.blobdescriptorsize", "storage.redirect.disable", "http.addr", "http.net",
     "http.host", "http.prefix", "http.secret", "http.relativeurls", "http.draintimeout",
     "http.headers", "http.sendfile", "http.maxconnections", "http.timeouts", "catalog.maxentries",
@@ -240,6 +243,11 @@ class Config:
     upload_purge_age: float = 7 * 24 * 3600.0
     upload_purge_interval: float = 24 * 3600.0
     upload_purge_dryrun: bool = False
+    gc_enabled: bool = False                # storage.maintenance.gc: collect inside the server
+    gc_interval: float = 24 * 3600.0
+    gc_grace: float = 3600.0
+    gc_untagged: bool = False
+    gc_dryrun: bool = False
     catalog_max_entries: int = 1000
     auth_mode: str = "none"                 # none, htpasswd, token
     auth_realm: str | None = None
@@ -361,6 +369,14 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     c.upload_purge_age = parse_duration(_get(doc, purge + "age", "168h"), purge + "age")
     c.upload_purge_interval = parse_duration(_get(doc, purge + "interval", "24h"), purge + "interval")
     c.upload_purge_dryrun = bool(_get(doc, purge + "dryrun", False))
+    gc = "storage.maintenance.gc."
+    c.gc_enabled = bool(_get(doc, gc + "enabled", False))
+    c.gc_interval = parse_duration(_get(doc, gc + "interval", "24h"), gc + "interval")
+    c.gc_grace = parse_duration(_get(doc, gc + "grace", "1h"), gc + "grace")
+    c.gc_untagged = bool(_get(doc, gc + "untagged", False))
+    c.gc_dryrun = bool(_get(doc, gc + "dryrun", False))
+    if c.gc_enabled and c.gc_interval < 60:
+        raise ConfigError(f"{gc}interval: at least 1m")
     c.catalog_max_entries = int(_get(doc, "catalog.maxentries", 1000))
     _load_auth(c, doc)
     _load_tls(c, doc)

@@ -149,6 +149,28 @@ async def _purge_loop(app: web.Application, config: Config) -> None:
         await asyncio.sleep(max(config.upload_purge_interval, 60))
 
 
+async def _gc_loop(app: web.Application, config: Config) -> None:
+    """storage.maintenance.gc: garbage collection inside the server, online, every `interval`
+    (the first a random part of it after the start: replicas spread out; one collection at a
+    time runs on a storage in any case)."""
+    from .api.common import REGISTRY_KEY
+    from .registry.gc import GarbageCollectionAborted, collect
+    from .registry.registry import RegistryBusy
+    await asyncio.sleep(random.uniform(0.1, 1.0) * config.gc_interval)
+    while True:
+        try:
+            report = await collect(app[REGISTRY_KEY], dry_run=config.gc_dryrun, delete_untagged=config.gc_untagged,
+                                   grace=config.gc_grace, log=lambda s: None)
+            log.info("garbage collection: %s", report.summary(config.gc_dryrun))
+        except RegistryBusy:
+            log.info("garbage collection skipped: another one is running on this storage")
+        except GarbageCollectionAborted as e:
+            log.error("garbage collection aborted: %s", e)
+        except Exception:
+            log.exception("garbage collection stopped")  # what it deleted was garbage: next time
+        await asyncio.sleep(config.gc_interval)
+
+
 def tls_context(config: Config) -> ssl.SSLContext | None:
     """http.tls: certificate and key, minimum version, and client certificates (mutual TLS)."""
     if not config.tls_certificate:
@@ -184,11 +206,15 @@ async def serve(config: Config, sock: socket.socket, purge: bool = True,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    purger = asyncio.ensure_future(_purge_loop(app, config)) if purge and config.upload_purging else None
+    background = []
+    if purge and config.upload_purging:
+        background.append(asyncio.ensure_future(_purge_loop(app, config)))
+    if purge and config.gc_enabled and not config.readonly:
+        background.append(asyncio.ensure_future(_gc_loop(app, config)))
     await stop.wait()
     log.info("stopping: in-flight requests get up to %ss", config.drain_timeout or 5.0)
-    if purger:
-        purger.cancel()
+    for task in background:
+        task.cancel()
     await runner.cleanup()
     if debug_runner is not None:
         await debug_runner.cleanup()

@@ -113,6 +113,10 @@ class FaultyDriver(StorageDriver):
         await self.acheck("delete", path)
         await self.inner.delete(path)
 
+    async def touch(self, path: str) -> None:
+        await self.acheck("touch", path)
+        await self.inner.touch(path)
+
     @asynccontextmanager
     async def lock(self, path: str, wait: float = 0.0, shared: bool = False) -> AsyncIterator[None]:
         await self.acheck("lock", path)

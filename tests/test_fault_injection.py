@@ -81,7 +81,7 @@ async def _scenario(client) -> list[tuple[str, int, bytes]]:
 
 async def _gc(driver) -> str:
     try:
-        await collect(Registry(driver), delete_untagged=True, log=lambda s: None)
+        await collect(Registry(driver), delete_untagged=True, grace=0, log=lambda s: None)
         return "done"
     except (GarbageCollectionAborted, OSError, PathNotFound) as e:  # the CLI says so and exits 1
         return type(e).__name__

@@ -1,6 +1,7 @@
-"""garbage-collect: what it keeps, what it deletes, agreement with distribution's, and that it
-fails closed: beside a registry serving writes, and on any error while marking."""
+"""garbage-collect: what it keeps, what it deletes, agreement with distribution's, that it is safe
+beside a registry serving pushes, and that it fails closed on any error while marking."""
 
+import asyncio
 import errno
 import json
 import os
@@ -8,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,10 +55,15 @@ async def populate(client) -> dict:
     return {"tagged": tagged, "untagged": untagged, "child": child, "index": index, "referrer": referrer}
 
 
+def blob_path(data_dir: Path, blob: bytes) -> Path:
+    h = digest_of(blob).split(":")[1]
+    return data_dir / f"docker/registry/v2/blobs/sha256/{h[:2]}/{h}/data"
+
+
 def tree(data_dir: Path) -> dict[str, bytes]:
     """Every file of the data directory but the driver's own, with its bytes."""
     return {str(p.relative_to(data_dir)): p.read_bytes() for p in sorted(data_dir.rglob("*"))
-            if p.is_file() and ".regserve" not in p.parts and p.parts[-2:] != ("regserve", "serving")}
+            if p.is_file() and p.relative_to(data_dir).parts[0] not in (".regserve", "regserve")}  # not the locks
 
 
 @pytest.fixture
@@ -76,12 +83,13 @@ async def test_gc_deletes_only_unreferenced_blobs(populated, data_dir):
     m, restart = populated
     registry = Registry(FilesystemDriver(str(data_dir)))
     lines: list[str] = []
-    report = await collect(registry, dry_run=True, log=lines.append)
+    assert not (await collect(registry, log=lines.append)).blobs_deleted  # all younger than the grace period
+    report = await collect(registry, dry_run=True, grace=0, log=lines.append)
     assert [str(d) for d in report.blobs_deleted] == [digest_of(BLOBS["orphan"])] and not report.manifests_deleted
     assert blob_exists(data_dir, digest_of(BLOBS["orphan"]))  # dry run
     assert any("eligible for deletion" in line for line in lines)
 
-    report = await collect(registry, log=lines.append)
+    report = await collect(registry, grace=0, log=lines.append)
     client = await restart()
     assert [str(d) for d in report.blobs_deleted] == [digest_of(BLOBS["orphan"])]
     assert not blob_exists(data_dir, digest_of(BLOBS["orphan"])) and report.links_deleted == 1
@@ -94,7 +102,8 @@ async def test_gc_deletes_only_unreferenced_blobs(populated, data_dir):
 
 async def test_gc_delete_untagged_keeps_index_children_and_referrers(populated, data_dir):
     m, restart = populated
-    report = await collect(Registry(FilesystemDriver(str(data_dir))), delete_untagged=True, log=lambda s: None)
+    report = await collect(Registry(FilesystemDriver(str(data_dir))), delete_untagged=True, grace=0,
+                           log=lambda s: None)
     client = await restart()
     assert [(n, str(d)) for n, d in report.manifests_deleted] == [("a", digest_of(m["untagged"]))]
     gone = {str(d) for d in report.blobs_deleted}
@@ -111,8 +120,8 @@ async def test_gc_delete_untagged_keeps_index_children_and_referrers(populated, 
 async def test_cli_dry_run_and_agreement_with_distribution(populated, data_dir, tmp_path):
     cfg = tmp_path / "config.yml"
     cfg.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {data_dir}\n")
-    ours = subprocess.run([sys.executable, "-m", "regserve", "garbage-collect", str(cfg), "--dry-run"],
-                          capture_output=True, text=True, timeout=60)
+    ours = subprocess.run([sys.executable, "-m", "regserve", "garbage-collect", str(cfg), "--dry-run",
+                           "--grace", "0s"], capture_output=True, text=True, timeout=60)
     assert ours.returncode == 0, ours.stderr
     eligible = set(re.findall(r"blob eligible for deletion: (\S+)", ours.stdout))
     assert eligible == {digest_of(BLOBS["orphan"])}
@@ -124,35 +133,94 @@ async def test_cli_dry_run_and_agreement_with_distribution(populated, data_dir, 
     assert set(re.findall(r"blob eligible for deletion: (\S+)", theirs.stdout + theirs.stderr)) == eligible
 
 
-async def test_gc_refuses_to_sweep_beside_a_registry_serving_writes(aiohttp_client, app_factory, data_dir):
+def later(seconds: float = 7200.0):
+    """A collection's clock `seconds` ahead: what the tests pushed looks that old to it."""
+    return lambda: time.time() + seconds
+
+
+async def test_gc_beside_a_live_registry_keeps_what_is_young_or_referenced(aiohttp_client, app_factory, data_dir):
+    """The registry serves while garbage-collect runs: garbage older than the grace period goes,
+    a layer just pushed (its manifest not pushed yet) stays."""
+    client = await aiohttp_client(app_factory())
+    m = await populate(client)
+    fresh = os.urandom(5000)
+    clock = later()  # the orphan is two hours old ...
+    assert (await client.post(f"/v2/a/blobs/uploads/?digest={digest_of(fresh)}", data=fresh)).status == 201
+    os.utime(blob_path(data_dir, fresh), (clock(), clock()))  # ... a layer pushed just now is not
+    report = await collect(Registry(FilesystemDriver(str(data_dir))), log=lambda s: None, clock=clock)
+    assert [str(d) for d in report.blobs_deleted] == [digest_of(BLOBS["orphan"])]
+    assert (await client.get(f"/v2/a/blobs/{digest_of(fresh)}")).status == 200
+    assert (await client.get(f"/v2/a/manifests/{digest_of(m['tagged'])}")).status == 200
+
+
+async def test_a_push_referencing_an_old_blob_during_the_collection_keeps_it(aiohttp_client, app_factory, data_dir):
+    """Marking found the blob unreferenced; before the sweep, a manifest that references it is
+    pushed: the sweep sees it referenced anew and keeps it, and the manifest pulls whole."""
     client = await aiohttp_client(app_factory())
     await populate(client)
-    before = tree(data_dir)
-    registry = Registry(FilesystemDriver(str(data_dir)))
-    with pytest.raises(RegistryBusy, match="serving writes"):
-        await collect(registry, log=lambda s: None)
-    assert tree(data_dir) == before
-    report = await collect(registry, dry_run=True, log=lambda s: None)  # a dry run deletes nothing
-    assert [str(d) for d in report.blobs_deleted] == [digest_of(BLOBS["orphan"])]
-    await client.close()
-    reader = await aiohttp_client(app_factory(REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED="true"))
-    report = await collect(registry, log=lambda s: None)  # beside a read-only one: allowed
-    assert [str(d) for d in report.blobs_deleted] == [digest_of(BLOBS["orphan"])]
-    assert (await reader.get(f"/v2/a/blobs/{digest_of(BLOBS['l1'])}")).status == 200
+    driver = FaultyDriver(FilesystemDriver(str(data_dir)))
+    hold = driver.gate("lock", "/regserve/gc")  # the sweep's exclusive hold: after the marking
+    clock = later()
+    gc = asyncio.ensure_future(collect(Registry(driver), log=lambda s: None, clock=clock))
+    while not any(op == "lock" and path == "/regserve/gc" for op, path in driver.calls):
+        await asyncio.sleep(0.01)
+    manifest = image_manifest(digest_of(BLOBS["c1"]), len(BLOBS["c1"]),
+                              [(digest_of(BLOBS["orphan"]), len(BLOBS["orphan"]))])
+    r = await client.put("/v2/a/manifests/revived", data=manifest, headers={"Content-Type": OCI_MANIFEST})
+    assert r.status == 201
+    os.utime(blob_path(data_dir, BLOBS["orphan"]), (clock(), clock()))  # "just now", on the gc's clock
+    hold.set()
+    report = await gc
+    assert digest_of(BLOBS["orphan"]) not in {str(d) for d in report.blobs_deleted} and report.kept_recent
+    r = await client.get(f"/v2/a/blobs/{digest_of(BLOBS['orphan'])}")
+    assert r.status == 200 and await r.read() == BLOBS["orphan"]
 
 
-async def test_cli_refuses_beside_a_live_server_and_says_why(server_factory, data_dir, tmp_path):
-    srv = server_factory(data=data_dir)
+async def test_a_push_during_the_sweep_fails_cleanly_rather_than_dangle(aiohttp_client, app_factory, data_dir):
+    """The sweep holds its lock and is deleting the blob when a manifest referencing it comes:
+    the push waits, then finds the blob gone and answers MANIFEST_BLOB_UNKNOWN. No manifest
+    ever points at a blob the collection deleted."""
+    client = await aiohttp_client(app_factory())
+    await populate(client)
+    driver = FaultyDriver(FilesystemDriver(str(data_dir)))
+    h = digest_of(BLOBS["orphan"]).split(":")[1]
+    hold = driver.gate("delete", f"/blobs/sha256/{h[:2]}/{h}")
+    gc = asyncio.ensure_future(collect(Registry(driver), log=lambda s: None, clock=later()))
+    while not any(op == "delete" for op, _ in driver.calls):
+        await asyncio.sleep(0.01)
+    manifest = image_manifest(digest_of(BLOBS["c1"]), len(BLOBS["c1"]),
+                              [(digest_of(BLOBS["orphan"]), len(BLOBS["orphan"]))])
+    put = asyncio.ensure_future(client.put("/v2/a/manifests/late", data=manifest,
+                                           headers={"Content-Type": OCI_MANIFEST}))
+    await asyncio.sleep(0.3)
+    assert not put.done()  # waiting for the sweep's batch
+    hold.set()
+    await gc
+    r = await put
+    assert r.status == 400 and (await r.json())["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
+    assert (await client.get("/v2/a/manifests/late")).status == 404
+    # Pushed again, layer first, it goes through.
+    assert (await client.post(f"/v2/a/blobs/uploads/?digest={digest_of(BLOBS['orphan'])}",
+                              data=BLOBS["orphan"])).status == 201
+    assert (await client.put("/v2/a/manifests/late", data=manifest,
+                             headers={"Content-Type": OCI_MANIFEST})).status == 201
+
+
+async def test_one_collection_at_a_time(populated, data_dir, tmp_path):
     cfg = tmp_path / "config.yml"
     cfg.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {data_dir}\n")
-    gc = subprocess.run([sys.executable, "-m", "regserve", "garbage-collect", str(cfg)],
-                        capture_output=True, text=True, timeout=60)
-    assert gc.returncode == 1
-    assert "a registry is serving writes on this storage" in gc.stderr and "Traceback" not in gc.stderr
-    srv.stop()
-    gc = subprocess.run([sys.executable, "-m", "regserve", "garbage-collect", str(cfg)],
-                        capture_output=True, text=True, timeout=60)
-    assert gc.returncode == 0, gc.stderr
+    registry = Registry(FilesystemDriver(str(data_dir)))
+    async with registry.collecting():
+        with pytest.raises(RegistryBusy):
+            await collect(Registry(FilesystemDriver(str(data_dir))), log=lambda s: None)
+        gc = await asyncio.create_subprocess_exec(sys.executable, "-m", "regserve", "garbage-collect", str(cfg),
+                                                  stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        _, err = await gc.communicate()
+    assert gc.returncode == 1 and b"another garbage collection is running" in err and b"Traceback" not in err
+    gc = await asyncio.create_subprocess_exec(sys.executable, "-m", "regserve", "garbage-collect", str(cfg),
+                                              "--grace", "0s", stdout=asyncio.subprocess.PIPE)
+    out, _ = await gc.communicate()
+    assert gc.returncode == 0 and b"1 blobs" in out and b"deleted" in out
 
 
 @pytest.mark.parametrize("error", [errno.EIO, errno.ENOENT], ids=["EIO", "ENOENT"])
@@ -170,7 +238,7 @@ async def test_gc_aborts_on_any_error_while_marking(populated, data_dir, error, 
     driver = FaultyDriver(FilesystemDriver(str(data_dir)))
     driver.inject(op, error, path)
     with pytest.raises(GarbageCollectionAborted, match="nothing was deleted"):
-        await collect(Registry(driver), delete_untagged=True, log=lambda s: None)
+        await collect(Registry(driver), delete_untagged=True, grace=0, log=lambda s: None)
     assert any(p for o, p in driver.calls if o == op and path in p)  # the fault was met
     assert tree(data_dir) == before
 
@@ -181,7 +249,7 @@ async def test_gc_aborts_on_a_damaged_link_or_manifest(populated, data_dir):
     before_link.write_bytes(b"not a digest")
     before = tree(data_dir)
     with pytest.raises(GarbageCollectionAborted, match="holds no digest"):
-        await collect(Registry(FilesystemDriver(str(data_dir))), delete_untagged=True, log=lambda s: None)
+        await collect(Registry(FilesystemDriver(str(data_dir))), delete_untagged=True, grace=0, log=lambda s: None)
     assert tree(data_dir) == before
     before_link.write_bytes(original)
     m, _ = populated
@@ -191,7 +259,7 @@ async def test_gc_aborts_on_a_damaged_link_or_manifest(populated, data_dir):
     stored.write_bytes(b"{not json")
     before = tree(data_dir)
     with pytest.raises(GarbageCollectionAborted, match="not valid JSON"):
-        await collect(Registry(FilesystemDriver(str(data_dir))), log=lambda s: None)
+        await collect(Registry(FilesystemDriver(str(data_dir))), grace=0, log=lambda s: None)
     assert tree(data_dir) == before
 
 
@@ -199,7 +267,7 @@ async def test_gc_stops_at_a_failed_delete(populated, data_dir):
     driver = FaultyDriver(FilesystemDriver(str(data_dir)))
     driver.inject("delete", errno.EIO, "/blobs/")
     with pytest.raises(OSError):
-        await collect(Registry(driver), log=lambda s: None)
+        await collect(Registry(driver), grace=0, log=lambda s: None)
     assert len([c for c in driver.calls if c[0] == "delete"]) == 1  # nothing after the failure
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 from aiohttp import web
 
@@ -53,12 +53,7 @@ def make_app(config: Config, registry: Registry | None = None,
     async def close_driver(app: web.Application) -> None:
         await app[REGISTRY_KEY].driver.close()
 
-    async def serving_writes(app: web.Application) -> AsyncIterator[None]:
-        async with app[REGISTRY_KEY].serving_writes():  # garbage-collect waits meanwhile
-            yield
-
     app.on_response_prepare.append(spec_headers)
-    app.cleanup_ctx.append(serving_writes)
     app.on_cleanup.append(close_driver)
     # Order matters where patterns overlap: the most specific resources first.
     for module in (base, catalog, uploads, blobs, manifests, tags, referrers):

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from ..errors import BlobUnknown
+from ..errors import BlobUnknown, TooManyRequests
 from ..reference import Digest
-from ..storage import FileWriter, PathNotFound, StorageDriver
+from ..storage import AlreadyExists, Busy, FileWriter, PathNotFound, StorageDriver
 from . import paths
 
 log = logging.getLogger("regserve.blobs")
+REFERENCE_WAIT = 30.0  # a write waits this long for a garbage collection's batch of deletes
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,50 @@ class BlobStore:
     def __init__(self, driver: StorageDriver) -> None:
         self.driver = driver
         self._sizes: LRU = LRU(100_000)
+        self._gc_lock_ready = False
+
+    @asynccontextmanager
+    async def referencing(self) -> AsyncIterator[None]:
+        """Held, shared, by every write that makes content referenced (a blob committed or
+        linked, a mount, a manifest put), which touches what it references meanwhile. Garbage
+        collection deletes in short batches holding it exclusively, and keeps what was touched
+        since it began: so a blob is never deleted between a push's check that it is there and
+        the write that references it."""
+        await self._gc_lock()
+        async with AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.driver.lock(paths.GC_LOCK, REFERENCE_WAIT, shared=True))
+            except Busy:
+                raise TooManyRequests(None, "garbage collection is deleting; retry",
+                                      headers={"Retry-After": "1"}) from None
+            yield
+
+    @asynccontextmanager
+    async def sweeping(self) -> AsyncIterator[None]:
+        """Held, exclusively, by garbage collection while it deletes a batch: no reference is
+        being written meanwhile."""
+        await self._gc_lock()
+        async with self.driver.lock(paths.GC_LOCK, float("inf")):
+            yield
+
+    async def _gc_lock(self) -> None:
+        if not self._gc_lock_ready:
+            try:
+                await self.driver.stat(paths.GC_LOCK)
+            except PathNotFound:
+                try:
+                    await self.driver.put_content(paths.GC_LOCK, b"", exclusive=True)
+                except AlreadyExists:
+                    pass
+            self._gc_lock_ready = True
+
+    async def touch(self, d: Digest) -> None:
+        """Mark a blob as referenced now (see `referencing`); BLOB_UNKNOWN if it is gone."""
+        try:
+            await self.driver.touch(paths.blob_data(d))
+        except PathNotFound:
+            self.forget(d)
+            raise BlobUnknown({"digest": str(d)}) from None
 
     async def stat(self, d: Digest, fresh: bool = False) -> BlobInfo:
         """Size and path of a blob. `fresh` bypasses the cache: writers must not trust it, since
@@ -78,7 +124,8 @@ class BlobStore:
             return False
 
     async def put_small(self, d: Digest, data: bytes) -> None:
-        """Store a small blob (a manifest) whose digest the caller has computed."""
+        """Store a small blob (a manifest) whose digest the caller has computed; the caller
+        holds `referencing`."""
         writer = await self.driver.create()
         try:
             await writer.write([data])
@@ -100,6 +147,7 @@ class BlobStore:
             existing = None
         if existing is not None:
             if existing.size == size:
+                await self.touch(d)  # pushed again: referenced anew, for garbage collection
                 return False
             log.warning("blob %s holds %d bytes, a verified upload %d: replacing it", d, existing.size, size)
         await writer.commit(paths.blob_data(d), size, readonly=True)
@@ -140,6 +188,8 @@ class RepositoryBlobs:
         return await self.store.stat(d)
 
     async def link(self, d: Digest) -> None:
+        """Make a blob visible here; the caller holds BlobStore.referencing."""
+        await self.store.touch(d)
         if await self.is_linked(d):
             return  # links only ever hold their own digest: nothing to rewrite
         await self.driver.put_content(paths.layer_link(self.name, d), str(d).encode())
@@ -152,9 +202,10 @@ class RepositoryBlobs:
 
     async def mount(self, d: Digest, source: "RepositoryBlobs") -> BlobInfo | None:
         """Link a blob of `source` here; None when `source` does not have it."""
-        try:
-            info = await source.stat(d)
-        except BlobUnknown:
-            return None
-        await self.link(d)
+        async with self.store.referencing():
+            try:
+                info = await source.stat(d)
+                await self.link(d)
+            except BlobUnknown:
+                return None
         return info

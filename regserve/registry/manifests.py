@@ -285,9 +285,9 @@ class Manifests:
             tag = check_tag(reference)
             expected = None
         m = parse_manifest(payload, content_type, expected)
-        await self.store.put_small(m.digest, payload)  # content addressed: no owner needed
-        async with self._owned():
-            await self._check_references(m)
+        async with self.store.referencing(), self._owned():  # in this order, as garbage collection
+            await self._check_references(m)  # touches what it references
+            await self.store.put_small(m.digest, payload)
             await self._link(m)
             if tag is not None:
                 await self.tags.tag(tag, m.digest)
@@ -323,16 +323,23 @@ class Manifests:
                                           str(m.digest).encode())
 
     async def _check_references(self, m: Manifest) -> None:
+        """Every blob and child manifest the manifest names is here, and touched (referenced
+        now, for garbage collection; the caller holds BlobStore.referencing)."""
         missing = []
         for desc in m.blobs:
             if desc.media_type in FOREIGN_LAYERS or desc.urls:
                 continue
-            if not await self.blobs.is_linked(desc.digest) or not await self.store.exists(desc.digest):
+            try:
+                if not await self.blobs.is_linked(desc.digest):
+                    raise BlobUnknown(None)
+                await self.store.touch(desc.digest)
+            except BlobUnknown:
                 missing.append(str(desc.digest))
         for desc in m.manifests:
             try:
                 await self.driver.stat(paths.revision_link(self.name, desc.digest))
-            except PathNotFound:
+                await self.store.touch(desc.digest)
+            except (PathNotFound, BlobUnknown):
                 missing.append(str(desc.digest))
         if missing:
             raise ManifestBlobUnknown({"digests": missing})

@@ -12,9 +12,9 @@ Referrers are indexed by regserve alone (distribution has no referrers API) unde
 which distribution ignores, as it ignores
     /docker/registry/v2/repositories/<name>/_manifests/lock
 which whoever changes the repository's manifests or tags holds (`driver.lock`), and
-    /regserve/serving
-which every regserve serving writes holds (shared, `driver.lock`) and garbage-collect takes
-exclusively, so that the two never run at once on one storage.
+    /regserve/gc, /regserve/collecting
+which writes that reference content hold shared while garbage collection deletes holding it
+exclusively, and which one garbage collection at a time holds (registry.Registry).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from __future__ import annotations
 from ..reference import Digest
 
 ROOT = "/docker/registry/v2"
-SERVING = "/regserve/serving"
+GC_LOCK = "/regserve/gc"                # shared by writes that reference content, exclusive to sweeps
+GC_RUNNING = "/regserve/collecting"     # one garbage collection at a time
 BLOBS = f"{ROOT}/blobs"
 REPOSITORIES = f"{ROOT}/repositories"
 

@@ -106,39 +106,19 @@ class Registry:
         return await walk_repositories(self.driver, ("_manifests", "_layers", "_uploads"))
 
     @asynccontextmanager
-    async def serving_writes(self) -> AsyncIterator[None]:
-        """Held while this process serves writes: garbage-collect refuses to sweep meanwhile,
-        and a registry starting while it sweeps waits for it to finish."""
-        if self.readonly:
-            yield
-            return
-        await _ensure_exists(self.driver, paths.SERVING)
+    async def collecting(self) -> AsyncIterator[None]:
+        """One garbage collection at a time on a storage (RegistryBusy for another)."""
+        await ensure_exists(self.driver, paths.GC_RUNNING)
         async with AsyncExitStack() as stack:
             try:
-                await stack.enter_async_context(self.driver.lock(paths.SERVING, shared=True))
+                await stack.enter_async_context(self.driver.lock(paths.GC_RUNNING))
             except Busy:
-                log.warning("garbage-collect is running on this storage: serving once it is done")
-                await stack.enter_async_context(
-                    self.driver.lock(paths.SERVING, wait=float("inf"), shared=True))
-            yield
-
-    @asynccontextmanager
-    async def sweeping(self) -> AsyncIterator[None]:
-        """Held by garbage-collect while it deletes: refused (RegistryBusy) while any registry
-        serves writes on the same storage."""
-        await _ensure_exists(self.driver, paths.SERVING)
-        async with AsyncExitStack() as stack:
-            try:
-                await stack.enter_async_context(self.driver.lock(paths.SERVING))
-            except Busy:
-                raise RegistryBusy("a registry is serving writes on this storage; stop it, or set "
-                                   "storage.maintenance.readonly.enabled and restart it, then run "
-                                   "garbage-collect again (nothing was deleted)") from None
+                raise RegistryBusy("another garbage collection is running on this storage") from None
             yield
 
 
 class RegistryBusy(Exception):
-    """garbage-collect cannot sweep while a registry serves writes on the same storage."""
+    """Another garbage collection is running on the same storage."""
 
 
 async def walk_repositories(driver: StorageDriver, markers: tuple[str, ...], after: str | None = None,
@@ -194,7 +174,8 @@ async def _delete_if_there(driver: StorageDriver, path: str) -> None:
         pass
 
 
-async def _ensure_exists(driver: StorageDriver, path: str) -> None:
+async def ensure_exists(driver: StorageDriver, path: str) -> None:
+    """Create an empty object at `path` unless there is one (racing creators: one wins)."""
     try:
         await driver.stat(path)
     except PathNotFound:

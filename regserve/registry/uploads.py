@@ -411,10 +411,11 @@ class UploadSession:
                     await writer.close()
                     await self._remove()
                     raise DigestInvalid({"expected": str(digest), "actual": f"{digest.algorithm}:{actual}"})
-                await self.uploads.store.publish(writer, digest, size)
+                async with self.uploads.store.referencing():
+                    await self.uploads.store.publish(writer, digest, size)
+                    await blobs.link(digest)
             finally:
                 await writer.close()
-            await blobs.link(digest)
             await self._remove()  # the session's state, and its data if the blob already existed
         return BlobInfo(digest, size, paths.blob_data(digest))
 
@@ -462,10 +463,11 @@ class Uploads:
             if hasher.hexdigest() != digest.hex:
                 raise DigestInvalid({"expected": str(digest), "actual": hasher.digest()})
             size = writer.size
-            await self.store.publish(writer, digest, size)
+            async with self.store.referencing():
+                await self.store.publish(writer, digest, size)
+                await blobs.link(digest)
         finally:
             await writer.cancel()  # nothing left to remove once published
-        await blobs.link(digest)
         return BlobInfo(digest, size, paths.blob_data(digest))
 
     async def open(self, upload_id: str) -> UploadSession:

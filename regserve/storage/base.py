@@ -10,9 +10,10 @@ What a driver offers, and nothing else is used above it:
 
 * read: `get_content` (a small object), `reader` (ranged, streamed), `stat`, `list` (the direct
   children of a prefix);
-* write: `put_content` (atomic replace, or create-if-absent), `create` (a new private object, streamed, published
-  under its final name by `commit`), `append` (continue an object from its size: an upload),
-  `move`, `delete` (an object or a whole prefix);
+* write: `put_content` (atomic replace, or create-if-absent), `create` (a new private object,
+  streamed, published under its final name by `commit`), `append` (continue an object from its
+  size: an upload), `move`, `delete` (an object or a whole prefix), `touch` (mark an object as
+  used now, for garbage collection);
 * ownership: `lock`, one owner of an object at a time across every process and replica that
   shares the storage;
 * housekeeping: `purge_temporaries`, for what a crash (kill -9, a full disk) left behind.
@@ -64,7 +65,7 @@ def check_path(path: str) -> str:
 class FileInfo:
     path: str
     size: int
-    mtime: float
+    mtime: float  # when the object was last written, touched, or moved into place
     is_dir: bool
 
 
@@ -178,8 +179,10 @@ class StorageDriver(abc.ABC):
     async def delete(self, path: str) -> None:
         """Remove an object or everything under a prefix; PathNotFound if there is nothing."""
 
-    async def prune(self, path: str) -> None:
-        """Remove a directory if it is empty (object stores have none: nothing to do)."""
+    @abc.abstractmethod
+    async def touch(self, path: str) -> None:
+        """Mark the object as used now: its `stat().mtime` becomes the present time (its bytes
+        do not change). Online garbage collection keeps what was touched after it began."""
 
     # -- ownership ----------------------------------------------------------------------------
 

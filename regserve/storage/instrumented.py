@@ -78,6 +78,10 @@ class InstrumentedDriver(StorageDriver):
         with self._t("delete"):
             await self.inner.delete(path)
 
+    async def touch(self, path: str) -> None:
+        with self._t("touch"):
+            await self.inner.touch(path)
+
     @asynccontextmanager
     async def lock(self, path: str, wait: float = 0.0, shared: bool = False) -> AsyncIterator[None]:
         owned = self.inner.lock(path, wait, shared)
