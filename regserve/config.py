@@ -66,7 +66,8 @@ SCHEMA: dict[str, Any] = {
              "http2": {"disabled": _B}, "h2c": {"enabled": _B}},
     "health": {"storagedriver": {"enabled": _B, "interval": _D, "threshold": _I},
                "file": _L, "http": _L, "tcp": _L},
-    "notifications": _M, "redis": _M, "proxy": _M, "validation": _M,
+    "notifications": {"events": {"includereferences": _B}, "endpoints": _L},
+    "redis": _M, "proxy": _M, "validation": _M,
     "compatibility": _M, "catalog": {"maxentries": _I},
 }
 # Keys regserve acts on; anything else that is set is reported as ignored.
@@ -80,7 +81,7 @@ IMPLEMENTED = {
     "storage.cache.blobdescriptorsize", "storage.redirect.disable", "http.addr", "http.net",
     "http.host", "http.prefix", "http.secret", "http.relativeurls", "http.draintimeout",
     "http.headers", "http.sendfile", "http.maxconnections", "http.timeouts", "catalog.maxentries",
-    "http.debug.addr", "http.debug.prometheus", "health", "auth.htpasswd", "auth.token.realm",
+    "http.debug.addr", "http.debug.prometheus", "health", "notifications", "auth.htpasswd", "auth.token.realm",
     "auth.token.service", "auth.token.issuer", "auth.token.rootcertbundle", "auth.token.jwks",
     "auth.token.signingalgorithms", "auth.tokenserver", "auth.accesscontrol", "http.tls.certificate",
     "http.tls.key", "http.tls.clientcas", "http.tls.clientauth", "http.tls.minimumtls",
@@ -249,6 +250,8 @@ class Config:
     gc_untagged: bool = False
     gc_dryrun: bool = False
     catalog_max_entries: int = 1000
+    notifications: list[Any] = field(default_factory=list)   # notifications.Endpoint
+    notify_references: bool = False
     auth_mode: str = "none"                 # none, htpasswd, token
     auth_realm: str | None = None
     htpasswd_path: str | None = None
@@ -378,6 +381,8 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     if c.gc_enabled and c.gc_interval < 60:
         raise ConfigError(f"{gc}interval: at least 1m")
     c.catalog_max_entries = int(_get(doc, "catalog.maxentries", 1000))
+    from .notifications import endpoints  # it reads durations with ours
+    c.notifications, c.notify_references = endpoints(doc.get("notifications"))
     _load_auth(c, doc)
     _load_tls(c, doc)
     c.ignored = sorted(k for k in seen if k and not any(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from .. import metrics
+from .. import metrics, notifications
 from ..config import Config
 from ..logs import request_id_header, request_id_middleware
 from ..registry import Registry
@@ -16,6 +16,7 @@ from ..storage.instrumented import InstrumentedDriver
 from . import auth, base, blobs, catalog, manifests, referrers, tags, token, uploads
 from .common import API_VERSION, CONFIG_KEY, REGISTRY_KEY
 from .errors import error_middleware
+from .events import NOTIFIER_KEY
 
 # How connections are served: handlers finish even if the client leaves (an upload keeps what
 # arrived), large reads, and bodies kept as sent: a blob is opaque, so a Content-Encoding header
@@ -42,6 +43,15 @@ def make_app(config: Config, registry: Registry | None = None,
         token.setup_routes(app)
     app[CONFIG_KEY] = config
     app[REGISTRY_KEY] = registry or make_registry(config)
+    if config.notifications:
+        notifier = app[NOTIFIER_KEY] = notifications.Notifier(config.notifications, config.notify_references,
+                                                              config.addr)
+
+        async def notify(app: web.Application) -> AsyncIterator[None]:
+            await notifier.start()
+            yield
+            await notifier.stop()
+        app.cleanup_ctx.append(notify)
     extra = [(k, v) for k, values in config.headers.items() for v in values]
 
     async def spec_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -12,6 +12,7 @@ from .. import metrics
 from ..errors import BlobUnknown, RangeNotSatisfiable
 from ..reference import Digest, UnknownAlgorithm, parse_digest
 from ..storage import PathNotFound
+from . import events
 from .auth import requires
 from .common import CONFIG_KEY, registry, repository
 from .sendfile import hang_up, send_file
@@ -74,6 +75,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{info.size}"
     response = web.StreamResponse(status=status, headers=headers)
+    if request.method != "HEAD":
+        events.emit(request, "pull", events.blob(request, repo.name, d, info.size))
     store = repo.blobs.store
     local = store.local_path(info)
     count = end - start + 1 if info.size else 0
@@ -118,6 +121,7 @@ async def delete_blob(request: web.Request) -> web.Response:
     repo = repository(request)
     d = blob_digest(request)
     await repo.blobs.unlink(d)
+    events.emit(request, "delete", events.blob(request, repo.name, d))
     return web.Response(status=202, headers={"Docker-Content-Digest": str(d), "Content-Length": "0"})
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..errors import ManifestTooBig
+from ..reference import is_digest, parse_digest
 from ..registry.manifests import MAX_MANIFEST_BYTES
+from . import events
 from .auth import requires
 from .common import registry, repository, url_for
 
@@ -13,7 +15,8 @@ from .common import registry, repository, url_for
 @requires("pull")
 async def get_manifest(request: web.Request) -> web.Response:
     repo = repository(request)
-    d, payload, media_type = await repo.manifests.get(request.match_info["reference"])
+    reference = request.match_info["reference"]
+    d, payload, media_type = await repo.manifests.get(reference)
     etag = f'"{d}"'
     headers = {"Docker-Content-Digest": str(d), "ETag": etag, "Content-Type": media_type}
     if etag in request.headers.get("If-None-Match", ""):
@@ -21,6 +24,8 @@ async def get_manifest(request: web.Request) -> web.Response:
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(payload))
         return web.Response(status=200, headers=headers)
+    events.emit(request, "pull", events.manifest(request, repo.name, d, media_type, len(payload),
+                                                 None if is_digest(reference) else reference))
     return web.Response(status=200, body=payload, headers=headers)
 
 
@@ -43,8 +48,13 @@ async def put_manifest(request: web.Request) -> web.Response:
     registry(request).check_writable()
     repo = repository(request)
     payload = await _read_manifest(request)
-    m = await repo.manifests.put(request.match_info["reference"], payload,
-                                 request.headers.get("Content-Type"))
+    reference = request.match_info["reference"]
+    m = await repo.manifests.put(reference, payload, request.headers.get("Content-Type"))
+    notifier = request.app.get(events.NOTIFIER_KEY)
+    refs = {"references": [{"mediaType": x.media_type, "digest": str(x.digest), "size": x.size}
+                           for x in m.blobs + m.manifests]} if notifier and notifier.include_references else {}
+    events.emit(request, "push", events.manifest(request, repo.name, m.digest, m.media_type, len(payload),
+                                                 None if is_digest(reference) else reference, **refs))
     headers = {"Location": url_for(request, f"/v2/{repo.name}/manifests/{m.digest}"),
                "Docker-Content-Digest": str(m.digest), "Content-Length": "0"}
     if m.subject is not None:
@@ -56,7 +66,12 @@ async def put_manifest(request: web.Request) -> web.Response:
 async def delete_manifest(request: web.Request) -> web.Response:
     registry(request).check_deletable()
     repo = repository(request)
-    await repo.manifests.delete(request.match_info["reference"])
+    reference = request.match_info["reference"]
+    await repo.manifests.delete(reference)
+    if is_digest(reference):
+        events.emit(request, "delete", events.manifest(request, repo.name, parse_digest(reference)))
+    else:
+        events.emit(request, "delete", {"repository": repo.name, "tag": reference})
     return web.Response(status=202, headers={"Content-Length": "0"})
 
 

@@ -7,6 +7,7 @@ from aiohttp import web
 from ..errors import DigestInvalid, NameInvalid, UploadRangeInvalid
 from ..reference import parse_digest
 from ..registry.uploads import UploadSession
+from . import events
 from .auth import may, requires
 from .common import blob_location, body_pieces, content_range, registry, repository, url_for
 
@@ -42,12 +43,15 @@ async def start_upload(request: web.Request) -> web.Response:
                 source = registry(request).repository(source_name)
             except NameInvalid:
                 source = None
-            if source is not None and await repo.blobs.mount(d, source.blobs) is not None:
+            if source is not None and (info := await repo.blobs.mount(d, source.blobs)) is not None:
+                events.emit(request, "mount", events.blob(request, repo.name, d, info.size,
+                                                           fromRepository=source_name))
                 return _created(request, repo.name, str(d))
         # Not mountable: fall back to a regular upload session, as the spec says.
     if "digest" in query:
         d = parse_digest(query["digest"])
         info = await repo.uploads.put_whole(d, body_pieces(request), repo.blobs)
+        events.emit(request, "push", events.blob(request, repo.name, info.digest, info.size))
         return _created(request, repo.name, str(info.digest))
     session = await repo.uploads.create()
     headers = _status_headers(request, session, 0)
@@ -84,6 +88,7 @@ async def finish_upload(request: web.Request) -> web.Response:
         raise UploadRangeInvalid(await session.size(), {"Content-Range": request.headers["Content-Range"],
                                                         "Content-Length": request.content_length})
     info = await session.finish(d, body, chunk if body is not None else None, repo.blobs)
+    events.emit(request, "push", events.blob(request, repo.name, info.digest, info.size))
     return _created(request, repo.name, str(info.digest))
 
 
