@@ -311,6 +311,8 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
         if not isinstance(doc, dict):
             raise ConfigError(f"configuration {path} must be a mapping")
     _apply_env(doc, env)
+    if isinstance(doc.get("auth"), str):  # `auth: htpasswd` (REGISTRY_AUTH=htpasswd) names the method
+        doc["auth"] = {doc["auth"]: {}}
     seen: set[str] = set()
     doc = _check(doc, SCHEMA, "", seen)
     if not doc.get("version"):

@@ -85,6 +85,16 @@ def test_storage_driver_selected_by_env(tmp_path):
     assert c.storage_driver == "filesystem" and c.rootdirectory == "/y"
 
 
+def test_auth_method_named_by_env_as_the_seed_compose_does(tmp_path):
+    path = write(tmp_path, "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: /x\n")
+    seed = {"REGISTRY_AUTH": "htpasswd", "REGISTRY_AUTH_HTPASSWD_PATH": "/auth/htpasswd",
+            "REGISTRY_AUTH_HTPASSWD_REALM": "Registry Realm", "REGISTRY_STORAGE_DELETE_ENABLED": "true"}
+    c = load(path, seed)
+    assert (c.auth_mode, c.auth_realm, c.htpasswd_path) == ("htpasswd", "Registry Realm", "/auth/htpasswd")
+    with pytest.raises(ConfigError, match="auth.htpasswd.path: required"):
+        load(path, {"REGISTRY_AUTH": "htpasswd"})
+
+
 @pytest.mark.parametrize("text,key", [
     ("version: 0.1\nhttp:\n  adr: :5000\n", "http.adr"),
     ("version: 0.1\nstorage:\n  filesystem:\n    rootdir: /x\n", "storage.filesystem.rootdir"),
