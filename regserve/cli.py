@@ -1,4 +1,4 @@
-"""Command line: `regserve serve [CONFIG] [--workers N]`."""
+"""Command line: `regserve serve|garbage-collect|healthcheck [CONFIG]`, `regserve htpasswd`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from . import config as config_mod
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="regserve", description="OCI / Docker V2 container registry")
+    parser.add_argument("--version", "-v", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the registry")
     serve.add_argument("config", nargs="?", help="distribution-style config.yml (default: "
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     users.add_argument("user", nargs="?")
     users.add_argument("--stdin", action="store_true", help="read the password from standard input")
     users.add_argument("--cost", type=int, default=10, help="bcrypt cost (default 10)")
+    health = sub.add_parser("healthcheck", help="exit 0 if the registry on this host is ready: /readyz at "
+                            "http.debug.addr when set, else /v2/ at http.addr (200 or 401)")
+    health.add_argument("config", nargs="?", help="the registry's config.yml")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     args = parser.parse_args(argv)
     if args.command == "htpasswd" and args.action != "list" and not args.user:
         parser.error("htpasswd add/remove need a USER")
@@ -61,7 +66,53 @@ def main(argv: list[str] | None = None) -> int:
         return htpasswd_command(args)
     if args.command == "garbage-collect":
         return garbage_collect_command(args)
+    if args.command == "healthcheck":
+        return healthcheck_command(args)
     return 2
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("regserve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def healthcheck_command(args: argparse.Namespace) -> int:
+    """For container HEALTHCHECKs: ask the registry this config describes, on this host."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from .server import parse_addr
+    try:
+        config = config_mod.load(args.config)
+        if config.debug_addr:
+            host, port = parse_addr(config.debug_addr)
+            scheme, path, fine = "http", "/readyz", {200}
+        else:
+            host, port = parse_addr(config.addr)
+            scheme, path, fine = "https" if config.tls_certificate else "http", config.prefix + "/v2/", {200, 401}
+    except (config_mod.ConfigError, ValueError) as e:
+        print(f"regserve: configuration error: {e}", file=sys.stderr)
+        return 2
+    if host in ("", "0.0.0.0", "::", "localhost"):
+        host = "127.0.0.1"
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}{path}"
+    context = ssl._create_unverified_context() if scheme == "https" else None  # our own certificate, here
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout, context=context) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except OSError as e:
+        print(f"unhealthy: {url}: {e}", file=sys.stderr)
+        return 1
+    if status not in fine:
+        print(f"unhealthy: {url} answered {status}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def garbage_collect_command(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +79,7 @@ def test_health_at_the_debug_address(server_factory, tmp_path):
     base = f"http://127.0.0.1:{debug}"
     assert http("GET", f"{base}/debug/health") == (200, http("GET", f"{base}/debug/health")[1], b"{}")
     assert http("GET", f"{base}/healthz")[0] == 200 and http("GET", f"{base}/readyz")[0] == 200
+    assert healthcheck(cfg).returncode == 0
     flag.write_text("down for maintenance")
     deadline = time.time() + 5
     while http("GET", f"{base}/debug/health")[0] != 503 and time.time() < deadline:
@@ -84,11 +87,29 @@ def test_health_at_the_debug_address(server_factory, tmp_path):
     status, _, body = http("GET", f"{base}/debug/health")
     assert status == 503 and json.loads(body) == {str(flag): "file exists"}
     assert http("GET", f"{base}/readyz")[0] == 503 and http("GET", f"{base}/healthz")[0] == 200
+    unhealthy = healthcheck(cfg)
+    assert unhealthy.returncode == 1 and "/readyz answered 503" in unhealthy.stderr
     flag.unlink()
     deadline = time.time() + 5
     while http("GET", f"{base}/debug/health")[0] != 200 and time.time() < deadline:
         time.sleep(0.2)
     assert http("GET", f"{base}/debug/health")[0] == 200
+
+
+def healthcheck(config: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "regserve", "healthcheck", *([str(config)] if config else [])],
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=30)
+
+
+def test_healthcheck_without_a_debug_address_asks_the_api(server_factory, tmp_path):
+    """An htpasswd registry answers /v2/ with 401: alive. Nothing listening: unhealthy."""
+    users = htpasswd_file(tmp_path / "htpasswd", {"alice": "pw"})
+    srv = server_factory(env={"REGISTRY_AUTH_HTPASSWD_REALM": "r", "REGISTRY_AUTH_HTPASSWD_PATH": str(users)})
+    env = {"REGISTRY_HTTP_ADDR": f":{srv.port}", "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(srv.data)}
+    assert healthcheck(env=env).returncode == 0
+    srv.stop()
+    down = healthcheck(env=env)
+    assert down.returncode == 1 and down.stderr.startswith(f"unhealthy: http://127.0.0.1:{srv.port}/v2/")
 
 
 async def test_the_storage_check_reports_a_failing_driver(aiohttp_client, data_dir):
