@@ -47,11 +47,23 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def app_factory(data_dir: Path):
+def storage_kind() -> str:
+    """The driver under the in-process app: the filesystem, unless a module asks for every
+    driver (see tests/test_over_every_driver.py)."""
+    return "filesystem"
+
+
+@pytest.fixture
+def app_factory(data_dir: Path, storage_kind: str):
     def factory(**overrides: Any):
         overrides.setdefault("REGISTRY_STORAGE_DELETE_ENABLED", "true")
         overrides.setdefault("REGISTRY_HTTP_RELATIVEURLS", "true")
-        return make_app(make_config(data_dir, **overrides))
+        config = make_config(data_dir, **overrides)
+        if storage_kind == "inmemory":
+            from regserve.api.app import make_registry
+            from regserve.storage.inmemory import InMemoryDriver
+            return make_app(config, registry=make_registry(config, InMemoryDriver()))
+        return make_app(config)
     return factory
 
 

@@ -7,12 +7,12 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from .. import metrics, notifications
+from .. import notifications
 from ..config import Config
 from ..logs import request_id_header, request_id_middleware
 from ..registry import Registry
 from ..storage import StorageDriver, create_driver
-from ..storage.instrumented import InstrumentedDriver
+from ..storage.checked import CheckedDriver
 from . import auth, base, blobs, catalog, manifests, referrers, tags, token, uploads
 from .common import API_VERSION, CONFIG_KEY, REGISTRY_KEY
 from .errors import error_middleware
@@ -25,9 +25,7 @@ RUNNER_OPTIONS = {"handler_cancellation": False, "read_bufsize": 1 << 20, "auto_
 
 
 def make_registry(config: Config, driver: StorageDriver | None = None) -> Registry:
-    driver = driver or create_driver(config.storage_driver, config.storage_params)
-    if metrics.ENABLED:
-        driver = InstrumentedDriver(driver)
+    driver = CheckedDriver(driver or create_driver(config.storage_driver, config.storage_params))
     return Registry(driver, delete_enabled=config.delete_enabled, readonly=config.readonly)
 
 

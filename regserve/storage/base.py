@@ -21,6 +21,10 @@ What a driver offers, and nothing else is used above it:
 Nothing a driver publishes is ever partial: `put_content` and `commit` make an object appear
 complete or not at all. A driver never sees HTTP, and the registry layer never sees the
 filesystem or S3 directly.
+
+The registry reaches every driver through checked.CheckedDriver (path checks, metrics), and
+tests/test_storage_contract.py holds every driver to this contract: the filesystem, and the
+in-memory stand-in (inmemory.py) on which the API tests run a second time.
 """
 
 from __future__ import annotations

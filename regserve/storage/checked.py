@@ -1,7 +1,14 @@
-"""A driver wrapped so that every call of the contract is timed, and its failures counted, in the
-metrics (regserve_storage_operation_duration_seconds, regserve_storage_errors). "Not found" is an
-answer, not a failure. Writers are wrapped too, for their writes and commits; the pipeline's
-per-piece staging goes straight to the driver's own writer."""
+"""The layer every driver passes through, for what all of them need once (as distribution's
+base.Base wraps its drivers):
+
+* every path is checked against the contract's rules (base.check_path) before a driver sees it,
+  so no driver can be handed a path that escapes its root or names its own temporaries;
+* every call is timed, and its failures counted, in the metrics
+  (regserve_storage_operation_duration_seconds, regserve_storage_errors) when they are enabled.
+  "Not found" is an answer, not a failure.
+
+Writers are wrapped too, for their writes and commits; the pipeline's per-piece staging goes
+straight to the driver's own writer."""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Sequence
 
 from .. import metrics
-from .base import AlreadyExists, FileInfo, FileWriter, PathNotFound, StorageDriver
+from .base import AlreadyExists, FileInfo, FileWriter, PathNotFound, StorageDriver, check_path
 
 _ANSWERS = (PathNotFound, AlreadyExists)
 
@@ -28,7 +35,7 @@ class _Timed:
         metrics.storage(self.driver, self.operation, time.perf_counter() - self.start, failed)
 
 
-class InstrumentedDriver(StorageDriver):
+class CheckedDriver(StorageDriver):
     def __init__(self, inner: StorageDriver) -> None:
         self.inner = inner
         self.name = inner.name
@@ -38,11 +45,11 @@ class InstrumentedDriver(StorageDriver):
 
     async def get_content(self, path: str) -> bytes:
         with self._t("get_content"):
-            return await self.inner.get_content(path)
+            return await self.inner.get_content(check_path(path))
 
     async def reader(self, path: str, offset: int = 0, length: int | None = None,
                      chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
-        chunks = self.inner.reader(path, offset, length, chunk_size)
+        chunks = self.inner.reader(check_path(path), offset, length, chunk_size)
         with self._t("reader"):  # the open and first read
             first = await anext(chunks, None)
         if first is not None:
@@ -52,15 +59,15 @@ class InstrumentedDriver(StorageDriver):
 
     async def stat(self, path: str) -> FileInfo:
         with self._t("stat"):
-            return await self.inner.stat(path)
+            return await self.inner.stat(check_path(path))
 
     async def list(self, path: str) -> list[str]:
         with self._t("list"):
-            return await self.inner.list(path)
+            return await self.inner.list(check_path(path))
 
     async def put_content(self, path: str, data: bytes, durable: bool = True, exclusive: bool = False) -> None:
         with self._t("put_content"):
-            await self.inner.put_content(path, data, durable, exclusive)
+            await self.inner.put_content(check_path(path), data, durable, exclusive)
 
     async def create(self) -> FileWriter:
         with self._t("create"):
@@ -68,23 +75,23 @@ class InstrumentedDriver(StorageDriver):
 
     async def append(self, path: str) -> FileWriter:
         with self._t("append"):
-            return _Writer(self.name, await self.inner.append(path))
+            return _Writer(self.name, await self.inner.append(check_path(path)))
 
     async def move(self, source: str, dest: str) -> None:
         with self._t("move"):
-            await self.inner.move(source, dest)
+            await self.inner.move(check_path(source), check_path(dest))
 
     async def delete(self, path: str) -> None:
         with self._t("delete"):
-            await self.inner.delete(path)
+            await self.inner.delete(check_path(path))
 
     async def touch(self, path: str) -> None:
         with self._t("touch"):
-            await self.inner.touch(path)
+            await self.inner.touch(check_path(path))
 
     @asynccontextmanager
     async def lock(self, path: str, wait: float = 0.0, shared: bool = False) -> AsyncIterator[None]:
-        owned = self.inner.lock(path, wait, shared)
+        owned = self.inner.lock(check_path(path), wait, shared)
         with self._t("lock"):
             await owned.__aenter__()
         try:
@@ -100,7 +107,7 @@ class InstrumentedDriver(StorageDriver):
             return await self.inner.purge_temporaries(older_than)
 
     def local_path(self, path: str) -> str | None:
-        return self.inner.local_path(path)
+        return self.inner.local_path(check_path(path))
 
     async def close(self) -> None:
         await self.inner.close()
@@ -130,7 +137,7 @@ class _Writer(FileWriter):
 
     async def commit(self, dest: str, size: int, readonly: bool = False) -> None:
         with _Timed(self._driver, "commit"):
-            await self._inner.commit(dest, size, readonly)
+            await self._inner.commit(check_path(dest), size, readonly)
 
     async def cancel(self) -> None:
         await self._inner.cancel()
