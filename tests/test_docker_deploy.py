@@ -225,6 +225,13 @@ def test_seed_deployment_with_docker_compose(dockerd, tmp_path):
         ps = d.out("top", "registry", "-o", "pid,user,args").splitlines()[1:]
         assert any("regserve serve" in line for line in ps), ps
         assert all(line.split()[1] != "root" for line in ps), ps
+        # `:5000` is every address, IPv6 included (one dual-stack socket), as with distribution;
+        # one worker per CPU the container may use.
+        tcp6 = d.out("exec", "registry", "cat", "/proc/net/tcp6").splitlines()
+        assert any(line.split()[1] == "0" * 32 + ":1388" and line.split()[3] == "0A" for line in tcp6[1:]), tcp6
+        cores = d.out("exec", "registry", "nproc")
+        start_log = d.run("logs", "registry").stderr.decode() + d.run("logs", "registry").stdout.decode()
+        assert f"workers: {cores}" in start_log, start_log[-2000:]
         # Handed over to the unprivileged user, and still what distribution wrote.
         assert all(p.stat().st_uid == 10001 for p in mountpoint.rglob("*"))
         status, _, body = http("GET", f"http://{host}/v2/")
