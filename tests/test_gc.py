@@ -3,6 +3,7 @@ beside a registry serving pushes, and that it fails closed on any error while ma
 
 import asyncio
 import errno
+import inspect
 import json
 import os
 import re
@@ -223,23 +224,64 @@ async def test_one_collection_at_a_time(populated, data_dir, tmp_path):
     assert gc.returncode == 0 and b"1 blobs" in out and b"deleted" in out
 
 
-@pytest.mark.parametrize("error", [errno.EIO, errno.ENOENT], ids=["EIO", "ENOENT"])
-@pytest.mark.parametrize("op,path", [
+MARKING_READS = [
     ("get_content", "/_manifests/tags/v1/current/link"),   # a tag's link
     ("get_content", "/blobs/sha256/"),                     # a manifest's bytes
     ("list", "/_manifests/tags"),                          # a repository's tags
     ("list", "/_manifests/revisions/sha256"),              # a repository's manifests
     ("list", "/repositories"),                             # the repositories
-])
-async def test_gc_aborts_on_any_error_while_marking(populated, data_dir, error, op, path):
+]
+LATER = 60  # collections here run a minute after the push: what was pushed is older than them
+
+
+@pytest.mark.parametrize("op,path,error", [(*r, errno.EIO) for r in MARKING_READS]
+                         + [("get_content", "/blobs/sha256/", errno.ENOENT)])
+async def test_gc_aborts_on_any_error_while_marking(populated, data_dir, op, path, error):
     """One failed read while marking must not make a tagged manifest (and its blobs) garbage:
     the run stops, and nothing at all is deleted."""
     before = tree(data_dir)
     driver = FaultyDriver(FilesystemDriver(str(data_dir)))
     driver.inject(op, error, path)
     with pytest.raises(GarbageCollectionAborted, match="nothing was deleted"):
-        await collect(Registry(driver), delete_untagged=True, grace=0, log=lambda s: None)
+        await collect(Registry(driver), delete_untagged=True, grace=0, log=lambda s: None,
+                      clock=lambda: time.time() + LATER)
     assert any(p for o, p in driver.calls if o == op and path in p)  # the fault was met
+    assert tree(data_dir) == before
+
+
+@pytest.mark.parametrize("op,path", [r for r in MARKING_READS if r[1] != "/blobs/sha256/"])
+async def test_a_not_found_that_was_there_is_marked_again(populated, data_dir, tmp_path, op, path):
+    """A read that answers "not found" once for content that is there (older than the
+    collection, so not a push racing it) must not make what it leads to garbage: the collection
+    marks everything again, and deletes exactly what a collection without the fault deletes.
+    (A manifest revision whose bytes are not found is damage, and stops it: the test above.)"""
+    reference = tmp_path / "reference"
+    shutil.copytree(data_dir, reference)
+    await collect(Registry(FilesystemDriver(str(reference))), delete_untagged=True, grace=0,
+                  log=lambda s: None, clock=lambda: time.time() + LATER)
+    driver = FaultyDriver(FilesystemDriver(str(data_dir)))
+    driver.inject(op, errno.ENOENT, path)
+    await collect(Registry(driver), delete_untagged=True, grace=0, log=lambda s: None,
+                  clock=lambda: time.time() + LATER)
+    assert any(p for o, p in driver.calls if o == op and path in p)  # the fault was met
+    assert tree(data_dir) == tree(reference)
+
+
+async def test_a_storage_that_misses_in_every_marking_stops_the_collection(populated, data_dir):
+    """Not found to every marking, found whenever asked again: nothing can be trusted, nothing is
+    deleted."""
+    from regserve.storage import PathNotFound
+
+    class Liar(FilesystemDriver):
+        async def list(self, path: str) -> list[str]:
+            asked_again = any(frame.function == "missed" for frame in inspect.stack()[1:4])
+            if path.endswith("/repositories") and not asked_again:
+                raise PathNotFound(path)
+            return await super().list(path)
+    before = tree(data_dir)
+    with pytest.raises(GarbageCollectionAborted, match="in each of 3 markings"):
+        await collect(Registry(Liar(str(data_dir))), delete_untagged=True, grace=0, log=lambda s: None,
+                      clock=lambda: time.time() + LATER)
     assert tree(data_dir) == before
 
 

@@ -36,11 +36,12 @@ from ..errors import BlobUnknown, DamagedContent, ManifestUnknown, NameUnknown, 
 from ..reference import Digest, parse_digest
 from ..storage import PathNotFound, StorageDriver
 from . import paths
-from .registry import Registry
+from .registry import Registry, delete_if_there, list_or_empty
 
 TEMPORARY_AGE = 3600.0  # the driver's temporaries untouched this long are debris
 DEFAULT_GRACE = 3600.0  # what was written or referenced this recently is never swept
 SWEEP_BATCH = 256       # deletes under one hold of the exclusive lock: writes wait this long at most
+MARKINGS = 3            # markings that may each miss something found later, before giving up
 
 
 class GarbageCollectionAborted(Exception):
@@ -76,8 +77,8 @@ def _size(n: int) -> str:
 async def _digests_under(driver: Any, base: str) -> list[Digest]:
     """`<base>/<alg>/<hex>` entries (revision links, layer links)."""
     out = []
-    for alg_dir in await _list(driver, base):
-        for entry in await _list(driver, alg_dir):
+    for alg_dir in sorted(await list_or_empty(driver, base)):
+        for entry in sorted(await list_or_empty(driver, alg_dir)):
             try:
                 out.append(parse_digest(f"{alg_dir.rsplit('/', 1)[1]}:{entry.rsplit('/', 1)[1]}"))
             except RegistryError:
@@ -141,12 +142,20 @@ async def _collect(registry: Registry, dry_run: bool, delete_untagged: bool, gra
     began = clock()
     cutoff = began - grace
     driver, store = registry.driver, registry.blob_store
-    observer = _AbsenceRecorder(driver, began)
-    try:
-        doomed, references = await _mark(Registry(observer), report, delete_untagged, progress)
-        await observer.confirm()
-    except (OSError, DamagedContent) as e:
-        raise GarbageCollectionAborted(f"marking failed, nothing was deleted: {e}") from e
+    for attempt in range(1, MARKINGS + 1):
+        observer = _AbsenceRecorder(driver, began)
+        try:
+            doomed, references = await _mark(Registry(observer), report, delete_untagged, progress)
+            missed = await observer.missed()
+        except (OSError, DamagedContent) as e:
+            raise GarbageCollectionAborted(f"marking failed, nothing was deleted: {e}") from e
+        if not missed:
+            break
+        if attempt == MARKINGS:
+            raise GarbageCollectionAborted(
+                f"marking failed, nothing was deleted: {missed} was not found, then found, in each of "
+                f"{MARKINGS} markings: the storage answers inconsistently")
+        # Marked again: what the first asking missed is marked now (report.marked only grows).
 
     # Manifests no tag reaches, each checked again while no reference is being written.
     for start in range(0, len(doomed), SWEEP_BATCH):
@@ -169,9 +178,9 @@ async def _collect(registry: Registry, dry_run: bool, delete_untagged: bool, gra
 
     # Blobs nobody marked, and the repository links to them.
     candidates = []
-    for alg_dir in await _list(driver, paths.BLOBS):
-        for prefix in await _list(driver, alg_dir):
-            for blob_dir in await _list(driver, prefix):
+    for alg_dir in sorted(await list_or_empty(driver, paths.BLOBS)):
+        for prefix in sorted(await list_or_empty(driver, alg_dir)):
+            for blob_dir in sorted(await list_or_empty(driver, prefix)):
                 try:
                     d = parse_digest(f"{alg_dir.rsplit('/', 1)[1]}:{blob_dir.rsplit('/', 1)[1]}")
                 except RegistryError:
@@ -196,10 +205,10 @@ async def _collect(registry: Registry, dry_run: bool, delete_untagged: bool, gra
                 log(f"blob eligible for deletion: {d}")
                 if dry_run:
                     continue
-                await _delete(driver, blob_dir)
+                await delete_if_there(driver, blob_dir)
                 store.forget(d)
                 for name in links.get(d, ()):
-                    await _delete(driver, paths.layer_link(name, d).rsplit("/", 1)[0])
+                    await delete_if_there(driver, paths.layer_link(name, d).rsplit("/", 1)[0])
                     report.links_deleted += 1
         progress("blobs", min(start + SWEEP_BATCH, len(candidates)), len(candidates))
     if not dry_run:
@@ -305,10 +314,13 @@ async def _links_to(digests: set[Digest], registry: Registry) -> dict[Digest, li
 
 class _AbsenceRecorder:
     """The driver, for marking: it remembers every "not found" marking relied on, and
-    `confirm()` asks again. A listing or read that fails once with "not found" (a flaky
-    network filesystem, a storage error reported as ENOENT) would otherwise make whole
-    repositories look empty, and their blobs garbage. What a push created since the collection
-    began is found on the second asking, legitimately: it is younger than the collection."""
+    `missed()` asks again. A listing or read that fails once with "not found" (a flaky network
+    filesystem, a storage error reported as ENOENT) would otherwise make whole repositories look
+    empty, and their blobs garbage. What is found on the second asking was either created since
+    the collection began (its time says so: nothing older depends on it) or missed; then the
+    collection marks everything again rather than trust that marking. Storage timestamps are
+    coarser than the clock (a filesystem's clock tick, S3's seconds), so something created as
+    the collection began can look missed: that costs one more marking, never a deletion."""
 
     def __init__(self, driver: StorageDriver, began: float) -> None:
         self._driver = driver
@@ -334,30 +346,16 @@ class _AbsenceRecorder:
             self._absent.append((op, path))
             raise
 
-    async def confirm(self) -> None:
+    async def missed(self) -> str | None:
+        """The first path that marking found absent, that is there now and older than the
+        collection; None when every absence holds (or is newer)."""
         for op, path in self._absent:
             try:
                 await getattr(self._driver, op)(path)
-            except PathNotFound:
-                continue
-            try:
                 if (await self._driver.stat(path)).mtime >= self._began:
                     continue  # created since the collection began
             except PathNotFound:
                 continue
-            raise DamagedContent(f"{path} was not found, then found: the storage answered "
-                                 "inconsistently while marking")
+            return path
+        return None
 
-
-async def _list(driver: Any, path: str) -> list[str]:
-    try:
-        return sorted(await driver.list(path))
-    except PathNotFound:
-        return []
-
-
-async def _delete(driver: StorageDriver, path: str) -> None:
-    try:
-        await driver.delete(path)
-    except PathNotFound:
-        pass  # gone already: what we wanted

@@ -88,7 +88,7 @@ class Registry:
                     if started < cutoff:
                         purged.append(session)
                         if not dry_run:
-                            await _delete_if_there(self.driver, session)
+                            await delete_if_there(self.driver, session)
                     continue
                 if started >= cutoff:
                     continue
@@ -96,7 +96,7 @@ class Registry:
                     async with self.driver.lock(f"{session}/startedat"):
                         purged.append(session)
                         if not dry_run:
-                            await _delete_if_there(self.driver, session)
+                            await delete_if_there(self.driver, session)
                 except (Busy, PathNotFound):
                     continue  # in use right now, or just finished
         return purged
@@ -149,25 +149,27 @@ async def walk_repositories(driver: StorageDriver, markers: tuple[str, ...], aft
                     continue  # every name below lies before `after`
                 below = listed.pop(child, None)
                 if below is None:
-                    below = await _list_or_empty(driver, child)
+                    below = await list_or_empty(driver, child)
                 await visit(child, key, [c for c in below if not c.rsplit("/", 1)[1].startswith("_")])
             elif after is None or key > after:
-                below = listed[child] = await _list_or_empty(driver, child)
+                below = listed[child] = await list_or_empty(driver, child)
                 if any(c.rsplit("/", 1)[1] in markers for c in below):
                     out.append(key)
 
-    await visit(paths.REPOSITORIES, "", await _list_or_empty(driver, paths.REPOSITORIES))
+    await visit(paths.REPOSITORIES, "", await list_or_empty(driver, paths.REPOSITORIES))
     return out
 
 
-async def _list_or_empty(driver: StorageDriver, path: str) -> list[str]:
+async def list_or_empty(driver: StorageDriver, path: str) -> list[str]:
+    """The children of a prefix; none when it is not there (yet, or any more)."""
     try:
         return await driver.list(path)
     except PathNotFound:
         return []
 
 
-async def _delete_if_there(driver: StorageDriver, path: str) -> None:
+async def delete_if_there(driver: StorageDriver, path: str) -> None:
+    """Delete; what is gone already is what was wanted. Any other error propagates."""
     try:
         await driver.delete(path)
     except PathNotFound:
