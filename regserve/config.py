@@ -27,7 +27,12 @@ _S, _I, _B, _D, _L, _M, _Z = "str", "int", "bool", "duration", "list", "map", "s
 _DRIVERS = {
     # directio, prewarm: regserve's own
     "filesystem": {"rootdirectory": _S, "maxthreads": _I, "directio": _B, "prewarm": _Z},
-    "inmemory": _M, "s3": _M, "azure": _M, "gcs": _M, "swift": _M, "oss": _M,
+    "s3": {"bucket": _S, "region": _S, "regionendpoint": _S, "accesskey": _S, "secretkey": _S,
+           "rootdirectory": _S, "chunksize": _Z, "secure": _B, "skipverify": _B, "forcepathstyle": _B,
+           "storageclass": _S, "encrypt": _B, "keyid": _S, "v4auth": _B, "multipartcopychunksize": _Z,
+           "multipartcopymaxconcurrency": _I, "multipartcopythresholdsize": _Z, "loglevel": _S,
+           "objectacl": _S, "usedualstack": _B, "accelerate": _B, "sessiontoken": _S},
+    "inmemory": _M, "azure": _M, "gcs": _M, "swift": _M, "oss": _M,
 }
 SCHEMA: dict[str, Any] = {
     "version": _S,
@@ -73,7 +78,11 @@ SCHEMA: dict[str, Any] = {
 # Keys regserve acts on; anything else that is set is reported as ignored.
 IMPLEMENTED = {
     "version", "loglevel", "log.level", "log.formatter", "log.fields", "log.accesslog.disabled",
-    "storage.filesystem.rootdirectory", "storage.filesystem.maxthreads",
+    "storage.filesystem.rootdirectory", "storage.filesystem.maxthreads", "storage.s3.bucket",
+    "storage.s3.region", "storage.s3.regionendpoint", "storage.s3.accesskey", "storage.s3.secretkey",
+    "storage.s3.rootdirectory", "storage.s3.chunksize", "storage.s3.secure", "storage.s3.skipverify",
+    "storage.s3.forcepathstyle", "storage.s3.storageclass", "storage.s3.encrypt", "storage.s3.keyid",
+    "storage.s3.v4auth", "storage.s3.sessiontoken",
     "storage.filesystem.directio", "storage.filesystem.prewarm", "storage.delete.enabled",
     "storage.maintenance.uploadpurging.enabled", "storage.maintenance.uploadpurging.age",
     "storage.maintenance.uploadpurging.interval", "storage.maintenance.uploadpurging.dryrun",
@@ -323,8 +332,13 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
         raise ConfigError("storage: exactly one storage driver must be configured "
                           f"(found {', '.join(drivers) or 'none'})")
     driver = drivers[0]
-    if driver != "filesystem":
+    if driver not in ("filesystem", "s3"):
         raise ConfigError(f"storage.{driver}: this storage driver is not supported yet")
+    if driver == "s3":
+        if not _get(doc, "storage.s3.bucket"):
+            raise ConfigError("storage.s3.bucket: required")
+        if not _get(doc, "storage.s3.region") and not _get(doc, "storage.s3.regionendpoint"):
+            raise ConfigError("storage.s3.region: required (or regionendpoint, for S3-compatible engines)")
 
     c = Config(raw=doc)
     c.log_level = str(_get(doc, "log.level") or _get(doc, "loglevel") or "info").lower()

@@ -264,9 +264,13 @@ def run(config: Config, workers: int | None = None) -> None:
     if config.prometheus:
         metrics.prepare(metrics_dir)
     root = config.rootdirectory
+    where = f" {os.path.abspath(root)}" if root else ""
+    if config.storage_driver == "s3":
+        params = config.storage_params
+        where = f" s3://{params['bucket']}/{str(params.get('rootdirectory', '')).strip('/')}"
     log.info("regserve listening on %s://%s (storage: %s%s, auth: %s, workers: %d%s)",
              "https" if config.tls_certificate else "http", config.addr if host else "*" + config.addr,
-             config.storage_driver, f" {os.path.abspath(root)}" if root else "", config.auth_mode, workers,
+             config.storage_driver, where, config.auth_mode, workers,
              f", health and metrics on {config.debug_addr}" if debug else "")
     for key in config.ignored:
         log.warning("configuration key %s is accepted but not used by regserve", key)

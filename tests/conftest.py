@@ -54,16 +54,28 @@ def storage_kind() -> str:
 
 
 @pytest.fixture
-def app_factory(data_dir: Path, storage_kind: str):
+def app_factory(request, data_dir: Path, storage_kind: str):
+    """Apps on one storage: the data directory, or (storage_kind) a fresh in-memory driver, or a
+    root directory of this test's own in the S3 bucket of the `rgw` fixture."""
+    from regserve.api.app import make_registry
+    if storage_kind == "inmemory":
+        from regserve.storage.inmemory import InMemoryDriver
+        driver = InMemoryDriver()
+    elif storage_kind == "s3":
+        import uuid
+
+        from regserve.storage.s3 import S3Driver
+        rgw = request.getfixturevalue("rgw")
+        driver = S3Driver(rgw["S3_BUCKET"], regionendpoint=rgw["S3_ENDPOINT"], accesskey=rgw["S3_ACCESS_KEY"],
+                          secretkey=rgw["S3_SECRET_KEY"], rootdirectory=f"/api-{uuid.uuid4().hex[:12]}")
+
     def factory(**overrides: Any):
         overrides.setdefault("REGISTRY_STORAGE_DELETE_ENABLED", "true")
         overrides.setdefault("REGISTRY_HTTP_RELATIVEURLS", "true")
         config = make_config(data_dir, **overrides)
-        if storage_kind == "inmemory":
-            from regserve.api.app import make_registry
-            from regserve.storage.inmemory import InMemoryDriver
-            return make_app(config, registry=make_registry(config, InMemoryDriver()))
-        return make_app(config)
+        if storage_kind == "filesystem":
+            return make_app(config)
+        return make_app(config, registry=make_registry(config, driver))
     return factory
 
 
@@ -115,6 +127,8 @@ class ServerProcess:
                          "REGISTRY_STORAGE_DELETE_ENABLED": "true",
                          "REGISTRY_LOG_ACCESSLOG_DISABLED": "true"})
         full_env.update(env or {})
+        if full_env.get("REGISTRY_STORAGE", "filesystem") != "filesystem":  # another driver chosen
+            del full_env["REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY"]
         args = [sys.executable, "-m", "regserve", "serve"]
         if config_file:
             args.append(str(config_file))
@@ -206,3 +220,36 @@ def require_tool(name: str, why: str) -> str:
             pytest.fail(f"{name} is required in CI ({why}) but is not installed")
         pytest.skip(f"{name} is not installed here ({why}); .ci/run installs it")
     return path
+
+
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A single-node Ceph RADOS Gateway (Debian's ceph packages) on free loopback ports, for the
+    S3 tests: its S3_ENDPOINT, S3_ACCESS_KEY, S3_SECRET_KEY and S3_BUCKET. Stopped by its PIDs."""
+    import random
+    for tool in ("radosgw", "ceph-mon", "ceph-osd"):
+        require_tool(tool, "Ceph RGW, the S3 engine of the S3 tests")
+    base = tmp_path_factory.mktemp("rgw")
+    mon = free_port()
+    while True:  # the mon takes PORT and PORT+1
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", mon + 1))
+            break
+        except OSError:
+            mon = free_port()
+    env = dict(os.environ, CEPH_INSTALL="0", CEPH_MON_PORT=str(mon), CEPH_RGW_PORT=str(free_port()),
+               CEPH_OSD_PORT_MIN=str(random.randrange(20000, 30000, 100)), S3_BUCKET="registry")
+    scripts = ROOT / "tests" / "s3"
+    r = subprocess.run([str(scripts / "start-ceph-rgw.sh"), str(base)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    try:
+        if r.returncode != 0:
+            pytest.fail(f"Ceph RGW did not start:\n{r.stderr[-4000:]}")
+        exports = dict(line[len("export "):].split("=", 1) for line in r.stdout.splitlines()
+                       if line.startswith("export "))
+        yield exports
+    finally:
+        subprocess.run([str(scripts / "stop-ceph-rgw.sh"), str(base), "--purge"], capture_output=True,
+                       timeout=120)
+

@@ -1,6 +1,6 @@
-"""The API and conformance tests again, over the in-memory driver: the registry layer must work
-on any driver that passes the contract suite (tests/test_storage_contract.py), not only on the
-filesystem it grew up with. Tests that look at the data directory itself stay filesystem-only."""
+"""The API and conformance tests again, over the in-memory driver and over S3 on a real Ceph RGW:
+the registry layer must work on any driver that passes the contract suite
+(tests/test_storage_contract.py), not only on the filesystem it grew up with. Tests that look at the data directory itself stay filesystem-only."""
 
 from __future__ import annotations
 
@@ -36,6 +36,6 @@ for _module in (test_api_base, test_api_blobs, test_api_discovery, test_api_mani
             globals()[_name] = _obj
 
 
-@pytest.fixture
-def storage_kind() -> str:
-    return "inmemory"
+@pytest.fixture(params=["inmemory", "s3"])
+def storage_kind(request) -> str:
+    return request.param

@@ -16,4 +16,14 @@ def create_driver(kind: str, params: dict[str, Any]) -> StorageDriver:
         return FilesystemDriver(params.get("rootdirectory", "/var/lib/registry"),
                                 int(params.get("maxthreads", 100)),
                                 params.get("directio"), params.get("prewarm"))
+    if kind == "s3":
+        from .s3 import S3Driver
+        return S3Driver(params["bucket"], params.get("region") or "us-east-1", params.get("regionendpoint"),
+                        params.get("accesskey"), params.get("secretkey"), params.get("rootdirectory", ""),
+                        secure=params.get("secure", True) is not False,
+                        skipverify=bool(params.get("skipverify", False)),
+                        forcepathstyle=params.get("forcepathstyle", True) is not False,
+                        chunksize=int(params.get("chunksize") or 0) or 16 << 20,
+                        storageclass=params.get("storageclass"), encrypt=bool(params.get("encrypt", False)),
+                        keyid=params.get("keyid"), sessiontoken=params.get("sessiontoken"))
     raise ValueError(f"storage driver {kind!r} is not available")

@@ -134,6 +134,7 @@ class FileWriter(abc.ABC):
 
 class StorageDriver(abc.ABC):
     name: str
+    timestamp_resolution: float = 0.0  # how coarse `stat().mtime` is (S3: whole seconds)
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ class CheckedDriver(StorageDriver):
     def __init__(self, inner: StorageDriver) -> None:
         self.inner = inner
         self.name = inner.name
+        self.timestamp_resolution = inner.timestamp_resolution
 
     def _t(self, operation: str) -> _Timed:
         return _Timed(self.name, operation)

@@ -1,0 +1,598 @@
+"""The S3 driver (`storage.s3`), on aiobotocore, in distribution's layout: the object for path P is
+the key `rootdirectory + P` (leading slashes trimmed), so a bucket written by distribution holds
+the same keys.
+
+How the contract maps onto an object store:
+
+* An appended object (an upload's data) is a series of **segments**, one per writer, at
+  `<key>/.seg/<offset, 20 digits>-<writer>`; its size is their sum (two writers appending at
+  once, which the caller's lock forbids, show as two segments at one offset: no commit then).
+  A writer streams its segment as a multipart upload (at most one part buffered, PART_SIZE
+  doubling every 1,000 parts so that 10,000 reach far past 5 TiB) and publishes it when it
+  closes, so a client cut off loses only what was not in a closed segment, and the size says
+  so. `commit` publishes the segments as one object with a multipart upload of server-side part
+  copies (segments under S3's 5 MiB part minimum are read and sent again together).
+* `create` is a private object under `<root>/.regserve/tmp/`; a commit of less than a part is a
+  single PUT straight to its name, else a server-side copy.
+* Ownership (`lock`) is a lease object under `<root>/.regserve/locks/`, created with
+  `If-None-Match: *` (one creator wins, on AWS S3 and on Ceph RGW), renewed while held and
+  taken over only when expired, by a conditional PUT on its ETag. Shared owners hold a lease
+  each; an exclusive owner waits until none is left.
+* `touch` writes a small sidecar (`<key>/.touched`) instead of rewriting the object, whose
+  LastModified `stat` then reports.
+
+Dot names are this driver's own: the contract forbids them in paths, and listings hide them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Sequence
+
+from aiobotocore.session import get_session
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
+
+from .base import AlreadyExists, Busy, CommitMismatch, FileInfo, FileWriter, PathNotFound, StorageDriver, check_path
+
+MIN_PART = 5 << 20          # S3's smallest part (but the last)
+PART_SIZE = 16 << 20        # a writer's first part size; doubles every 1,000 parts
+COPY_PART = 1 << 30         # server-side copies move at most this a part
+SINGLE_COPY_MAX = 5 << 30   # CopyObject's limit; above it, a multipart copy
+LEASE_SECONDS = 30.0        # a lock's lease; renewed every third of it while held
+_MISSING = ("NoSuchKey", "404", "NotFound", "NoSuchUpload")
+
+
+def _code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _missing(e: ClientError) -> bool:
+    return _code(e) in _MISSING
+
+
+class S3Driver(StorageDriver):
+    name = "s3"
+    timestamp_resolution = 1.0  # LastModified is in whole seconds
+
+    def __init__(self, bucket: str, region: str = "us-east-1", regionendpoint: str | None = None,
+                 accesskey: str | None = None, secretkey: str | None = None, rootdirectory: str = "",
+                 secure: bool = True, skipverify: bool = False, forcepathstyle: bool = True,
+                 chunksize: int = PART_SIZE, storageclass: str | None = None, encrypt: bool = False,
+                 keyid: str | None = None, sessiontoken: str | None = None) -> None:
+        """distribution's storage.s3 keys. Without accesskey and secretkey: the standard AWS
+        credential chain (environment, profile, instance role)."""
+        self.bucket = bucket
+        self.root = rootdirectory.strip("/")
+        self._private = (self.root + "/" if self.root else "") + ".regserve"
+        self._part = max(MIN_PART, int(chunksize))
+        # What every object written gets: distribution's storageclass and encrypt/keyid.
+        self._extra: dict[str, str] = {}
+        if storageclass and storageclass != "NONE":
+            self._extra["StorageClass"] = storageclass
+        if encrypt:
+            self._extra["ServerSideEncryption"] = "aws:kms" if keyid else "AES256"
+            if keyid:
+                self._extra["SSEKMSKeyId"] = keyid
+        endpoint = regionendpoint
+        if endpoint and "://" not in endpoint:
+            endpoint = ("https://" if secure else "http://") + endpoint
+        self._client_args: dict[str, Any] = {
+            "region_name": region, "endpoint_url": endpoint,
+            "aws_access_key_id": accesskey or None, "aws_secret_access_key": secretkey or None,
+            "aws_session_token": sessiontoken or None,
+            "verify": False if skipverify else None,
+            "config": BotoConfig(s3={"addressing_style": "path" if forcepathstyle else "auto"},
+                                 retries={"max_attempts": 5, "mode": "standard"},
+                                 request_checksum_calculation="when_required",
+                                 response_checksum_validation="when_required",
+                                 max_pool_connections=64)}
+        self._clients: dict[asyncio.AbstractEventLoop, tuple[Any, Any]] = {}
+
+    async def _s3(self) -> Any:
+        """A client for the running loop (aiobotocore clients belong to one)."""
+        loop = asyncio.get_running_loop()
+        entry = self._clients.get(loop)
+        if entry is None:
+            context = get_session().create_client("s3", **self._client_args)
+            entry = self._clients[loop] = (context, await context.__aenter__())
+        return entry[1]
+
+    def _key(self, path: str) -> str:
+        check_path(path)
+        return (self.root + path).strip("/") if path != "/" else self.root
+
+    def _prefix(self, path: str) -> str:
+        key = self._key(path)
+        return key + "/" if key else ""
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def get_content(self, path: str) -> bytes:
+        return b"".join([chunk async for chunk in self.reader(path, chunk_size=8 << 20)])
+
+    async def reader(self, path: str, offset: int = 0, length: int | None = None,
+                     chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        key = self._key(path)
+        whole = self._read_range(path, key, offset, length, chunk_size)
+        try:
+            first = await anext(whole, None)
+        except PathNotFound:
+            pieces = await self._segments(key)  # an upload's data, being written
+            if not pieces:
+                raise
+        else:
+            if first is not None:
+                yield first
+                async for chunk in whole:
+                    yield chunk
+            return
+        end = sum(s for _, s, _ in pieces) if length is None else offset + length
+        for start, size, k in pieces:  # an upload's data, read across its segments
+            lo, hi = max(offset, start), min(end, start + size)
+            if lo < hi:
+                async for chunk in self._read_range(path, k, lo - start, hi - lo, chunk_size):
+                    yield chunk
+
+    async def _read_range(self, path: str, key: str, offset: int, length: int | None,
+                          chunk_size: int) -> AsyncIterator[bytes]:
+        if length == 0:
+            if await self._head(key) is None:
+                raise PathNotFound(path)
+            return
+        s3 = await self._s3()
+        extra = {}
+        if offset or length is not None:
+            extra["Range"] = f"bytes={offset}-" + ("" if length is None else str(offset + length - 1))
+        try:
+            r = await s3.get_object(Bucket=self.bucket, Key=key, **extra)
+        except ClientError as e:
+            if _missing(e):
+                raise PathNotFound(path) from None
+            if _code(e) == "InvalidRange":  # from the very end: nothing to send
+                return
+            raise
+        async with r["Body"] as body:
+            while chunk := await body.read(chunk_size):
+                yield chunk
+
+    async def _head(self, key: str) -> dict | None:
+        s3 = await self._s3()
+        try:
+            return await s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if _missing(e):
+                return None
+            raise
+
+    async def _listed(self, prefix: str, delimiter: str | None = None) -> AsyncIterator[tuple[str, dict]]:
+        """(key, entry) of every object under `prefix`, or ("prefix/", {}) for common prefixes,
+        page by page."""
+        s3 = await self._s3()
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            args["Delimiter"] = delimiter
+        async for page in s3.get_paginator("list_objects_v2").paginate(**args):
+            for entry in page.get("Contents", ()):
+                yield entry["Key"], entry
+            for entry in page.get("CommonPrefixes", ()):
+                yield entry["Prefix"], {}
+
+    async def _segments(self, key: str) -> list[tuple[int, int, str]]:
+        """(offset, size, key) of an appended object's segments, in order."""
+        out = []
+        async for k, entry in self._listed(key + "/.seg/"):
+            out.append((int(k.rsplit("/", 1)[1].split("-", 1)[0]), int(entry["Size"]), k))
+        return sorted(out)
+
+    async def stat(self, path: str) -> FileInfo:
+        key = self._key(path)
+        head = await self._head(key) if key else None
+        if head is not None:
+            mtime = head["LastModified"].timestamp()
+            touched = await self._head(key + "/.touched")
+            if touched is not None:
+                mtime = max(mtime, touched["LastModified"].timestamp())
+            return FileInfo(path, int(head["ContentLength"]), mtime, False)
+        segments = await self._segments(key) if key else []
+        if segments:
+            return FileInfo(path, sum(s for _, s, _ in segments), time.time(), False)
+        async for _ in self._listed(self._prefix(path)):
+            return FileInfo(path, 0, 0.0, True)
+        if path == "/":
+            return FileInfo(path, 0, 0.0, True)
+        raise PathNotFound(path)
+
+    async def list(self, path: str) -> list[str]:
+        prefix = self._prefix(path)
+        base = path.rstrip("/")
+        children = []
+        async for k, _ in self._listed(prefix, "/"):
+            name = k[len(prefix):].rstrip("/")
+            if name and not name.startswith("."):
+                children.append(f"{base}/{name}")
+        if not children and path != "/":
+            raise PathNotFound(path)
+        return children
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def put_content(self, path: str, data: bytes, durable: bool = True,
+                          exclusive: bool = False) -> None:
+        s3 = await self._s3()
+        extra = {"IfNoneMatch": "*"} if exclusive else {}
+        try:
+            await s3.put_object(Bucket=self.bucket, Key=self._key(path), Body=data, **extra, **self._extra)
+        except ClientError as e:
+            if exclusive and _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise AlreadyExists(path) from None
+            raise
+
+    async def create(self) -> FileWriter:
+        key = f"{self._private}/tmp/{uuid.uuid4().hex}"
+        return S3Writer(self, key, key, 0, [], private=True, session=None)
+
+    async def append(self, path: str) -> FileWriter:
+        key = self._key(path)
+        parent = path.rstrip("/").rsplit("/", 1)[0]
+        if await self._head(key) is not None:  # a whole object: not an upload's
+            raise CommitMismatch(f"{path} is a published object, not an upload")
+        segments = await self._segments(key)
+        if not segments and parent:
+            try:
+                await self.stat(parent)
+            except PathNotFound:
+                raise PathNotFound(path) from None
+        size = sum(s for _, s, _ in segments)
+        return S3Writer(self, key, f"{key}/.seg/{size:020d}-{uuid.uuid4().hex}", size, segments,
+                        private=False, session=parent or None)
+
+    async def _copy(self, source: str, dest: str, size: int) -> None:
+        """A server-side copy: one request up to 5 GiB, else a multipart copy in parallel."""
+        s3 = await self._s3()
+        if size <= SINGLE_COPY_MAX:
+            await s3.copy_object(Bucket=self.bucket, Key=dest, CopySource={"Bucket": self.bucket, "Key": source},
+                                 MetadataDirective="REPLACE", **self._extra)
+            return
+        await self._assemble(dest, [(0, size, source)])
+
+    async def _assemble(self, dest: str, pieces: list[tuple[int, int, str]]) -> None:
+        """One object at `dest` from `pieces` (offset, size, key), by multipart upload: large
+        pieces are copied server-side in COPY_PART ranges; runs of small ones are read and sent
+        again as one part (parts but the last must be at least 5 MiB)."""
+        s3 = await self._s3()
+        upload = (await s3.create_multipart_upload(Bucket=self.bucket, Key=dest, **self._extra))["UploadId"]
+        try:
+            jobs: list[Any] = []
+            pending: list[tuple[int, int, str]] = []
+
+            def flush_small() -> None:
+                if pending:
+                    jobs.append(("send", list(pending)))
+                    pending.clear()
+            for offset, size, key in pieces:
+                if size >= MIN_PART and not pending:
+                    for start in range(0, size, COPY_PART):
+                        jobs.append(("copy", key, start, min(size, start + COPY_PART) - 1))
+                else:
+                    pending.append((offset, size, key))
+                    if sum(s for _, s, _ in pending) >= MIN_PART:
+                        flush_small()
+            flush_small()
+            limit = asyncio.Semaphore(8)
+
+            async def run(number: int, job: Any) -> dict:
+                async with limit:
+                    if job[0] == "copy":
+                        r = await s3.upload_part_copy(
+                            Bucket=self.bucket, Key=dest, UploadId=upload, PartNumber=number,
+                            CopySource={"Bucket": self.bucket, "Key": job[1]},
+                            CopySourceRange=f"bytes={job[2]}-{job[3]}")
+                        return {"PartNumber": number, "ETag": r["CopyPartResult"]["ETag"]}
+                    data = b"".join([await self._read_key(k) for _, _, k in job[1]])
+                    r = await s3.upload_part(Bucket=self.bucket, Key=dest, UploadId=upload, PartNumber=number,
+                                             Body=data)
+                    return {"PartNumber": number, "ETag": r["ETag"]}
+            parts = await asyncio.gather(*(run(i + 1, job) for i, job in enumerate(jobs)))
+            if not parts:  # an empty object
+                parts = [await run(1, ("send", []))]
+            await s3.complete_multipart_upload(Bucket=self.bucket, Key=dest, UploadId=upload,
+                                               MultipartUpload={"Parts": list(parts)})
+        except BaseException:
+            await asyncio.shield(self._abort(dest, upload))
+            raise
+
+    async def _abort(self, key: str, upload: str) -> None:
+        s3 = await self._s3()
+        try:
+            await s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+        except ClientError as e:
+            if not _missing(e):
+                raise
+
+    async def _read_key(self, key: str) -> bytes:
+        s3 = await self._s3()
+        r = await s3.get_object(Bucket=self.bucket, Key=key)
+        async with r["Body"] as body:
+            return await body.read()
+
+    async def move(self, source: str, dest: str) -> None:
+        info = await self.stat(source)
+        if info.is_dir:
+            raise PathNotFound(source)
+        src, dst = self._key(source), self._key(dest)
+        await self._copy(src, dst, info.size)
+        await self._delete_keys([src, src + "/.touched"])
+
+    async def _delete_keys(self, keys: Sequence[str]) -> None:
+        """Batch deletes, 1,000 a request, with Content-MD5 (stricter engines require it)."""
+        s3 = await self._s3()
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            r = await s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            errors = [e for e in r.get("Errors", ()) if e.get("Code") not in ("NoSuchKey",)]
+            if errors:
+                raise OSError(f"S3 delete failed: {errors[0].get('Code')} {errors[0].get('Key')}")
+
+    async def delete(self, path: str) -> None:
+        key = self._key(path)
+        keys = [k async for k, _ in self._listed(self._prefix(path))]
+        if key and await self._head(key) is not None:
+            keys.append(key)
+        if not keys:
+            raise PathNotFound(path)
+        await self._delete_keys(keys)
+
+    async def touch(self, path: str) -> None:
+        key = self._key(path)
+        if await self._head(key) is None:
+            raise PathNotFound(path)
+        s3 = await self._s3()
+        await s3.put_object(Bucket=self.bucket, Key=key + "/.touched", Body=b"")
+
+    # -- ownership ----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lock(self, path: str, wait: float = 0.0, shared: bool = False) -> AsyncIterator[None]:
+        key = self._key(path)
+        before = await self._head(key)
+        if before is None:
+            raise PathNotFound(path)
+        base = f"{self._private}/locks/{key}/"
+        mine = base + (f"s/{uuid.uuid4().hex}" if shared else "x")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        delay = 0.005
+        while True:
+            etag = await self._take_lease(mine)
+            if etag is not None:
+                if await self._others(base, mine, shared):
+                    await self._drop_lease(mine)
+                else:
+                    break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Busy(path)
+            await asyncio.sleep(min(remaining, delay * (0.5 + uuid.uuid4().int % 1000 / 1000)))
+            delay = min(delay * 2, 0.2)
+        renewal = asyncio.ensure_future(self._renew(mine, etag))
+        try:
+            after = await self._head(key)
+            if after is None or after.get("ETag") != before.get("ETag"):
+                raise PathNotFound(path)  # removed, or replaced, by the owner we waited for
+            yield
+        finally:
+            renewal.cancel()
+            await asyncio.shield(self._drop_lease(mine))
+
+    async def _take_lease(self, key: str) -> str | None:
+        """Create the lease, or take it over once expired; its ETag, or None if someone holds it."""
+        s3 = await self._s3()
+        body = json.dumps({"expires": time.time() + LEASE_SECONDS}).encode()
+        try:
+            return (await s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*"))["ETag"]
+        except ClientError as e:
+            if _code(e) not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise
+        try:
+            r = await s3.get_object(Bucket=self.bucket, Key=key)
+            async with r["Body"] as stream:
+                held = json.loads(await stream.read())
+        except ClientError as e:
+            if _missing(e):
+                return None  # released meanwhile: try again
+            raise
+        except ValueError:
+            held = {"expires": 0}
+        if held.get("expires", 0) > time.time():
+            return None
+        return await self._replace_lease(key, r["ETag"], body)
+
+    async def _replace_lease(self, key: str, etag: str, body: bytes) -> str | None:
+        """A PUT only if the lease is still the one with `etag` (RGW wants the ETag unquoted,
+        AWS quoted: a form the engine does not match just fails, so both are tried)."""
+        s3 = await self._s3()
+        for form in (etag, etag.strip('"')):
+            try:
+                return (await s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfMatch=form))["ETag"]
+            except ClientError as e:
+                if _code(e) not in ("PreconditionFailed", "412", "ConditionalRequestConflict") and not _missing(e):
+                    raise
+        return None
+
+    async def _others(self, base: str, mine: str, shared: bool) -> bool:
+        """Whether a live lease conflicts with ours: for shared owners the exclusive one, for
+        the exclusive owner any shared one."""
+        now = time.time()
+        keys = [base + "x"] if shared else [k async for k, _ in self._listed(base + "s/")]
+        for k in keys:
+            if k == mine:
+                continue
+            try:
+                r = await (await self._s3()).get_object(Bucket=self.bucket, Key=k)
+                async with r["Body"] as stream:
+                    if json.loads(await stream.read()).get("expires", 0) > now:
+                        return True
+            except ClientError as e:
+                if not _missing(e):
+                    raise
+            except ValueError:
+                return True
+        return False
+
+    async def _renew(self, key: str, etag: str) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            body = json.dumps({"expires": time.time() + LEASE_SECONDS}).encode()
+            renewed = await self._replace_lease(key, etag, body)
+            if renewed is None:
+                return  # taken over: it had expired (a stalled process); nothing more to do
+            etag = renewed
+
+    async def _drop_lease(self, key: str) -> None:
+        s3 = await self._s3()
+        try:
+            await s3.delete_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if not _missing(e):
+                raise
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    async def purge_temporaries(self, older_than: float) -> int:
+        """Private objects and multipart uploads (segments being written, assemblies) untouched
+        for `older_than` seconds, and expired leases."""
+        s3 = await self._s3()
+        cutoff = time.time() - older_than
+        old = [k async for k, e in self._listed(self._private + "/tmp/") if e["LastModified"].timestamp() < cutoff]
+        await self._delete_keys(old)
+        removed = len(old)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.root + "/" if self.root else ""}
+        async for page in s3.get_paginator("list_multipart_uploads").paginate(**args):
+            for u in page.get("Uploads", ()):
+                if u["Initiated"].timestamp() < cutoff:
+                    await self._abort(u["Key"], u["UploadId"])
+                    removed += 1
+        return removed
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        entry = self._clients.pop(loop, None)
+        if entry is not None:
+            await entry[0].__aexit__(None, None, None)
+
+
+class S3Writer(FileWriter):
+    """Streams one object (a private one, or an appended object's next segment) as a multipart
+    upload, at most one part in memory; publishes it on close (a segment) or commit."""
+
+    def __init__(self, driver: S3Driver, key: str, target: str, start: int,
+                 segments: list[tuple[int, int, str]], private: bool, session: str | None) -> None:
+        super().__init__()
+        self._driver, self._key, self._target, self._session = driver, key, target, session
+        self._segments, self._private = segments, private
+        self._start = start
+        self.size = start
+        self._buffer = bytearray()
+        self._upload: str | None = None
+        self._parts: list[dict] = []
+        self._part_size = driver._part
+        self._done = False
+
+    async def write(self, chunks: Sequence[bytes]) -> None:
+        if self._done:
+            raise ValueError("write to a closed writer")
+        for chunk in chunks:
+            self._buffer += chunk
+            self.size += len(chunk)
+            while len(self._buffer) >= self._part_size:
+                await self._send(bytes(self._buffer[:self._part_size]))
+                del self._buffer[:self._part_size]
+
+    async def _send(self, part: bytes) -> None:
+        s3 = await self._driver._s3()
+        if self._upload is None:
+            self._upload = (await s3.create_multipart_upload(Bucket=self._driver.bucket, Key=self._target,
+                                                             **self._driver._extra))["UploadId"]
+        number = len(self._parts) + 1
+        r = await s3.upload_part(Bucket=self._driver.bucket, Key=self._target, UploadId=self._upload,
+                                 PartNumber=number, Body=part)
+        self._parts.append({"PartNumber": number, "ETag": r["ETag"]})
+        if number % 1000 == 0:  # 10,000 parts must reach far: 16 MiB × 1,000, then 32 MiB, ...
+            self._part_size *= 2
+
+    async def _publish(self) -> None:
+        """Make what was written an object at the target: the last part, or one PUT."""
+        s3 = await self._driver._s3()
+        if self._upload is None:
+            await s3.put_object(Bucket=self._driver.bucket, Key=self._target, Body=bytes(self._buffer),
+                                **self._driver._extra)
+        else:
+            if self._buffer:
+                await self._send(bytes(self._buffer))
+            await s3.complete_multipart_upload(Bucket=self._driver.bucket, Key=self._target,
+                                               UploadId=self._upload, MultipartUpload={"Parts": self._parts})
+        self._buffer = bytearray()
+        self._upload = None
+
+    async def commit(self, dest: str, size: int, readonly: bool = False) -> None:
+        driver = self._driver
+        dest_key = driver._key(dest)
+        if self._private:
+            if self.size != size:
+                raise CommitMismatch(f"holds {self.size} bytes, {size} were verified")
+            if self._upload is None:  # small: straight to its name
+                self._target = dest_key
+                await self._publish()
+            else:
+                await self._publish()
+                await driver._copy(self._target, dest_key, size)
+                await driver._delete_keys([self._target])
+            self._done = True
+            return
+        if not await self.close():  # our segment first
+            raise CommitMismatch(f"{self._key}: its upload was removed while being written")
+        segments = await driver._segments(self._key)
+        mine = self._segments + ([(self._start, self.size - self._start, self._target)]
+                                 if self.size > self._start else [])
+        if [(o, s) for o, s, _ in segments] != [(o, s) for o, s, _ in mine] or await driver._head(self._key):
+            raise CommitMismatch(f"{self._key} was appended to, replaced or removed while being written")
+        if self.size != size:
+            raise CommitMismatch(f"holds {self.size} bytes, {size} were verified")
+        if len(segments) == 1:
+            await driver._copy(segments[0][2], dest_key, size)
+        else:
+            await driver._assemble(dest_key, segments)
+        await driver._delete_keys([k for _, _, k in segments])
+
+    async def cancel(self) -> None:
+        self._done = True
+        if self._upload is not None:
+            await self._driver._abort(self._target, self._upload)
+            self._upload = None
+
+    async def close(self) -> bool:  # type: ignore[override]
+        """Publish what was written (False: an appended object's upload is gone; nothing was)."""
+        if self._done:
+            return True
+        self._done = True
+        if self._private:
+            if self._upload is not None or self._buffer:
+                await self._publish()  # kept as a temporary: purged if never committed
+            return True
+        if self._session is not None and not await self._session_there():
+            await self.cancel()  # no segment resurrects a removed upload
+            return False
+        if self.size > self._start:
+            await self._publish()  # the segment becomes part of the object
+        return True
+
+    async def _session_there(self) -> bool:
+        try:
+            return (await self._driver.stat(self._session)).is_dir
+        except PathNotFound:
+            return False
