@@ -253,6 +253,7 @@ class Config:
     upload_purge_age: float = 7 * 24 * 3600.0
     upload_purge_interval: float = 24 * 3600.0
     upload_purge_dryrun: bool = False
+    redirect: bool = True                   # storage.redirect.disable: off; blob GETs to presigned URLs
     gc_enabled: bool = False                # storage.maintenance.gc: collect inside the server
     gc_interval: float = 24 * 3600.0
     gc_grace: float = 3600.0
@@ -383,6 +384,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
         c.storage_params.setdefault("rootdirectory", "/var/lib/registry")
     c.delete_enabled = bool(_get(doc, "storage.delete.enabled", False))
     c.readonly = bool(_get(doc, "storage.maintenance.readonly.enabled", False))
+    c.redirect = not _get(doc, "storage.redirect.disable", False)
     purge = "storage.maintenance.uploadpurging."
     c.upload_purging = bool(_get(doc, purge + "enabled", True))
     c.upload_purge_age = parse_duration(_get(doc, purge + "age", "168h"), purge + "age")

@@ -72,6 +72,8 @@ def app_factory(request, data_dir: Path, storage_kind: str):
     def factory(**overrides: Any):
         overrides.setdefault("REGISTRY_STORAGE_DELETE_ENABLED", "true")
         overrides.setdefault("REGISTRY_HTTP_RELATIVEURLS", "true")
+        if storage_kind == "s3":  # the registry's own blob serving (redirects: test_s3.py)
+            overrides.setdefault("REGISTRY_STORAGE_REDIRECT_DISABLE", "true")
         config = make_config(data_dir, **overrides)
         if storage_kind == "filesystem":
             return make_app(config)

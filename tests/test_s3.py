@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import OCI_MANIFEST, digest_of, http, image_manifest
+from .conftest import OCI_MANIFEST, digest_of, http, image_manifest, require_tool
 
 
 def s3_env(rgw: dict[str, str], root: str) -> dict[str, str]:
@@ -68,7 +68,7 @@ def test_a_push_whose_every_request_lands_on_another_replica(replicas):
         status, _, got = http("GET", f"{server.url}/v2/team/app/manifests/v1", headers={"Accept": OCI_MANIFEST})
         assert (status, got) == (200, manifest)
         status, headers, got = http("GET", f"{server.url}/v2/team/app/blobs/{digest_of(layer)}")
-        assert status == 200 and got == layer and headers["Docker-Content-Digest"] == digest_of(layer)
+        assert status == 200 and got == layer  # redirected to the engine, and followed
         status, headers, got = http("GET", f"{server.url}/v2/team/app/blobs/{digest_of(layer)}",
                                     headers={"Range": "bytes=5242000-5243999"})
         assert status == 206 and got == layer[5242000:5244000]
@@ -95,3 +95,62 @@ def test_garbage_collect_over_s3(replicas, tmp_path):
     assert f"blob eligible for deletion: {digest_of(orphan)}" in run.stdout
     assert http("HEAD", f"{a.url}/v2/gc/app/blobs/{digest_of(orphan)}")[0] == 404
     assert http("GET", f"{a.url}/v2/gc/app/blobs/{digest_of(kept)}")[2] == kept
+
+
+def raw_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A GET that does not follow redirects."""
+    import http.client
+    from urllib.parse import urlsplit
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    try:
+        conn.request("GET", u.path + ("?" + u.query if u.query else ""), headers=headers or {})
+        r = conn.getresponse()
+        return r.status, dict(r.headers), r.read()
+    finally:
+        conn.close()
+
+
+def test_blob_downloads_redirect_to_the_object_store_unless_disabled(rgw, server_factory, tmp_path):
+    root = f"/redirect-{uuid.uuid4().hex[:12]}"
+    blob = os.urandom(3 << 20)
+    d = digest_of(blob)
+    servers = {}
+    for name, extra in (("redirect", {}), ("proxy", {"REGISTRY_STORAGE_REDIRECT_DISABLE": "true"})):
+        data = tmp_path / name
+        data.mkdir()
+        servers[name] = server_factory(data, env={**s3_env(rgw, root), **extra})
+    assert http("POST", f"{servers['proxy'].url}/v2/r/app/blobs/uploads/?digest={d}", blob)[0] == 201
+
+    status, headers, _ = raw_get(f"{servers['redirect'].url}/v2/r/app/blobs/{d}")
+    assert status == 307 and headers["Docker-Content-Digest"] == d
+    assert headers["Location"].startswith(rgw["S3_ENDPOINT"] + "/")  # the engine itself
+    status, _, got = raw_get(headers["Location"], {"Range": "bytes=100-199"})
+    assert (status, got) == (206, blob[100:200])  # clients send their Range on
+    assert raw_get(headers["Location"])[2] == blob
+    status, headers, got = http("HEAD", f"{servers['redirect'].url}/v2/r/app/blobs/{d}")
+    assert status == 200 and int(headers["Content-Length"]) == len(blob)  # HEAD answers here
+
+    status, headers, got = raw_get(f"{servers['proxy'].url}/v2/r/app/blobs/{d}")
+    assert status == 200 and got == blob and "Location" not in headers
+    status, headers, got = raw_get(f"{servers['proxy'].url}/v2/r/app/blobs/{d}", {"Range": "bytes=-10"})
+    assert status == 206 and got == blob[-10:]
+
+
+def test_skopeo_pulls_through_the_redirects(rgw, server_factory, tmp_path):
+    from .oci_layout import build_image
+    from .test_e2e_skopeo import ROOT as REPO_ROOT
+    from .test_e2e_skopeo import blobs, skopeo
+    require_tool("skopeo", "real client for end-to-end tests")
+    data = tmp_path / "unused"
+    data.mkdir()
+    srv = server_factory(data, env={**s3_env(rgw, f"/skopeo-{uuid.uuid4().hex[:12]}"),
+                                    "REGISTRY_LOG_ACCESSLOG_DISABLED": "false"})
+    host = srv.url.removeprefix("http://")
+    src, out = tmp_path / "src", tmp_path / "out"
+    build_image(src, "v1", REPO_ROOT / "regserve")
+    skopeo("copy", "--preserve-digests", "--dest-tls-verify=false", f"oci:{src}:v1", f"docker://{host}/s3/app:v1")
+    skopeo("copy", "--preserve-digests", "--src-tls-verify=false", f"docker://{host}/s3/app:v1", f"oci:{out}:v1")
+    assert blobs(out) == blobs(src)
+    log = srv.log_path.read_text()
+    assert "http.response.status=307" in log  # the layers came from the engine

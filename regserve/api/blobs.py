@@ -62,6 +62,12 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
                "Cache-Control": "max-age=31536000"}
     if etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
+    config = request.app[CONFIG_KEY]
+    if request.method == "GET" and config.redirect:  # the object store sends it (S3); HEAD stays here
+        url = await repo.blobs.store.redirect_url(info)
+        if url is not None:
+            events.emit(request, "pull", events.blob(request, repo.name, d, info.size))
+            return web.Response(status=307, headers={"Location": url, "Docker-Content-Digest": str(d)})
     start, end, status = 0, info.size - 1, 200
     range_header = request.headers.get("Range")
     if range_header and request.headers.get("If-Range", etag) == etag:
@@ -81,7 +87,6 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     local = store.local_path(info)
     count = end - start + 1 if info.size else 0
     tls = request.transport is not None and request.transport.get_extra_info("sslcontext")
-    config = request.app[CONFIG_KEY]
     try:
         if local is not None and not tls:  # TLS: the bytes must pass through us, no sendfile
             return await send_file(request, response, local, start, count, config.sendfile,

@@ -161,6 +161,9 @@ class BlobStore:
     def local_path(self, info: BlobInfo) -> str | None:
         return self.driver.local_path(info.path)
 
+    async def redirect_url(self, info: BlobInfo) -> str | None:
+        return await self.driver.redirect_url(info.path)
+
     async def read_small(self, d: Digest) -> bytes:
         try:
             return await self.driver.get_content(paths.blob_data(d))

@@ -211,5 +211,10 @@ class StorageDriver(abc.ABC):
         """A filesystem path to serve the object with sendfile, where the driver has one."""
         return None
 
+    async def redirect_url(self, path: str, expires: float = 1200) -> str | None:
+        """A URL from which a client may GET the object itself for `expires` seconds (an object
+        store's presigned URL), where the driver has one: downloads then bypass the registry."""
+        return None
+
     async def close(self) -> None:
         """Release resources (connections, threads)."""

@@ -110,6 +110,10 @@ class CheckedDriver(StorageDriver):
     def local_path(self, path: str) -> str | None:
         return self.inner.local_path(check_path(path))
 
+    async def redirect_url(self, path: str, expires: float = 1200) -> str | None:
+        with self._t("redirect_url"):
+            return await self.inner.redirect_url(check_path(path), expires)
+
     async def close(self) -> None:
         await self.inner.close()
 

@@ -219,6 +219,12 @@ class S3Driver(StorageDriver):
             raise PathNotFound(path)
         return children
 
+    async def redirect_url(self, path: str, expires: float = 1200) -> str | None:
+        """A presigned GET (signed here, no request to S3): distribution's default for blobs."""
+        s3 = await self._s3()
+        return await s3.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._key(path)},
+                                               ExpiresIn=int(expires))
+
     # -- writing ------------------------------------------------------------------------------
 
     async def put_content(self, path: str, data: bytes, durable: bool = True,
