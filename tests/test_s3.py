@@ -154,3 +154,43 @@ def test_skopeo_pulls_through_the_redirects(rgw, server_factory, tmp_path):
     assert blobs(out) == blobs(src)
     log = srv.log_path.read_text()
     assert "http.response.status=307" in log  # the layers came from the engine
+
+
+async def test_part_buffers_of_all_writers_stay_within_the_budget(rgw):
+    """Concurrent writers wait for room to send parts rather than grow the process: at no time
+    do their parts in flight together exceed the budget, no writer holding a shared writing
+    thread starves the others (that deadlocked once), and every object arrives whole."""
+    from regserve.storage.s3 import S3Driver, _Buffers
+    driver = S3Driver(rgw["S3_BUCKET"], regionendpoint=rgw["S3_ENDPOINT"], accesskey=rgw["S3_ACCESS_KEY"],
+                      secretkey=rgw["S3_SECRET_KEY"], rootdirectory=f"/budget-{uuid.uuid4().hex[:12]}",
+                      chunksize=5 << 20)
+    driver.buffers = _Buffers(10 << 20)  # two parts for six writers
+    peak = 0
+    take = driver.buffers.take
+
+    async def watched_take(n: int) -> None:
+        nonlocal peak
+        await take(n)
+        peak = max(peak, driver.buffers.used)
+    driver.buffers.take = watched_take  # type: ignore[method-assign]
+    blobs = [os.urandom((12 << 20) + i) for i in range(6)]
+
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    threads = ThreadPoolExecutor(2)  # fewer writing threads than writers, as the upload pipeline has
+
+    async def push(i: int) -> None:
+        loop = asyncio.get_running_loop()
+        await driver.put_content(f"/up/{i}/startedat", b"x")
+        writer = await driver.append(f"/up/{i}/data")
+        for start in range(0, len(blobs[i]), 1 << 20):
+            await loop.run_in_executor(threads, writer.write_from_thread, [blobs[i][start:start + (1 << 20)]], loop)
+        await writer.commit(f"/blobs/{i}", len(blobs[i]))
+    try:
+        await asyncio.wait_for(asyncio.gather(*(push(i) for i in range(6))), 120)  # no deadlock
+        assert peak <= 10 << 20 and driver.buffers.used == 0
+        for i, blob in enumerate(blobs):
+            assert await driver.get_content(f"/blobs/{i}") == blob
+    finally:
+        threads.shutdown()
+        await driver.close()

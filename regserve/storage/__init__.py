@@ -23,7 +23,7 @@ def create_driver(kind: str, params: dict[str, Any]) -> StorageDriver:
                         secure=params.get("secure", True) is not False,
                         skipverify=bool(params.get("skipverify", False)),
                         forcepathstyle=params.get("forcepathstyle", True) is not False,
-                        chunksize=int(params.get("chunksize") or 0) or 16 << 20,
+                        chunksize=int(params.get("chunksize") or 0) or 8 << 20,
                         storageclass=params.get("storageclass"), encrypt=bool(params.get("encrypt", False)),
                         keyid=params.get("keyid"), sessiontoken=params.get("sessiontoken"))
     raise ValueError(f"storage driver {kind!r} is not available")

@@ -40,11 +40,47 @@ from botocore.exceptions import ClientError
 from .base import AlreadyExists, Busy, CommitMismatch, FileInfo, FileWriter, PathNotFound, StorageDriver, check_path
 
 MIN_PART = 5 << 20          # S3's smallest part (but the last)
-PART_SIZE = 16 << 20        # a writer's first part size; doubles every 1,000 parts
+PART_SIZE = 8 << 20         # a writer's first part size (distribution: 10 MiB); doubles every 1,000 parts
 COPY_PART = 1 << 30         # server-side copies move at most this a part
 SINGLE_COPY_MAX = 5 << 30   # CopyObject's limit; above it, a multipart copy
+PARALLEL_PARTS = 3         # parts of one writer in flight at once
+BUFFER_BUDGET = 64 << 20   # part buffers of all writers of a process together (sending copies them once more)
 LEASE_SECONDS = 30.0        # a lock's lease; renewed every third of it while held
 _MISSING = ("NoSuchKey", "404", "NotFound", "NoSuchUpload")
+
+
+class _Buffers:
+    """The bytes of parts all writers of this process may have in flight at once (besides the
+    one part each writer fills). A writer takes a part's worth before sending it and gives it
+    back once S3 has it, so concurrent pushes wait for room instead of growing the process."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    async def take(self, n: int) -> None:
+        n = min(n, self.limit)  # one part larger than the whole budget still goes, alone
+        if self.used + n <= self.limit and not self._waiters:
+            self.used += n
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, waiter))
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.give(n)  # granted as we were cancelled: pass it on
+            else:
+                self._waiters.remove((n, waiter))
+            raise
+
+    def give(self, n: int) -> None:
+        self.used -= min(n, self.limit)
+        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
+            n, waiter = self._waiters.pop(0)  # in order: no small part starves a large one
+            if not waiter.done():
+                self.used += n
+                waiter.set_result(None)
 
 
 def _code(e: ClientError) -> str:
@@ -70,6 +106,7 @@ class S3Driver(StorageDriver):
         self.root = rootdirectory.strip("/")
         self._private = (self.root + "/" if self.root else "") + ".regserve"
         self._part = max(MIN_PART, int(chunksize))
+        self.buffers = _Buffers(max(BUFFER_BUDGET, 4 * self._part))
         # What every object written gets: distribution's storageclass and encrypt/keyid.
         self._extra: dict[str, str] = {}
         if storageclass and storageclass != "NONE":
@@ -86,7 +123,10 @@ class S3Driver(StorageDriver):
             "aws_access_key_id": accesskey or None, "aws_secret_access_key": secretkey or None,
             "aws_session_token": sessiontoken or None,
             "verify": False if skipverify else None,
-            "config": BotoConfig(s3={"addressing_style": "path" if forcepathstyle else "auto"},
+            # No SHA-256 of each body for the signature (botocore would compute it on the event
+            # loop, over plain HTTP always): uploads are hashed by the registry as they arrive.
+            "config": BotoConfig(s3={"addressing_style": "path" if forcepathstyle else "auto",
+                                     "payload_signing_enabled": False},
                                  retries={"max_attempts": 5, "mode": "standard"},
                                  request_checksum_calculation="when_required",
                                  response_checksum_validation="when_required",
@@ -507,42 +547,76 @@ class S3Writer(FileWriter):
         self._upload: str | None = None
         self._parts: list[dict] = []
         self._part_size = driver._part
+        self._numbered = 0
+        self._inflight: set[asyncio.Future[None]] = set()
         self._done = False
 
     async def write(self, chunks: Sequence[bytes]) -> None:
         if self._done:
             raise ValueError("write to a closed writer")
         for chunk in chunks:
-            self._buffer += chunk
-            self.size += len(chunk)
-            while len(self._buffer) >= self._part_size:
-                await self._send(bytes(self._buffer[:self._part_size]))
-                del self._buffer[:self._part_size]
+            view = memoryview(chunk)
+            while view:
+                room = self._part_size - len(self._buffer)
+                self._buffer += view[:room]
+                self.size += min(room, len(view))
+                view = view[room:]
+                if len(self._buffer) == self._part_size:
+                    # Budget for parts in flight only: a part being filled holds none, since
+                    # filling it may need a thread of the upload pipeline that a writer
+                    # waiting here holds (waiting with a part half full would deadlock).
+                    part = self._buffer
+                    self._buffer = bytearray()
+                    await self._driver.buffers.take(len(part))
+                    await self._send(part, len(part))
 
-    async def _send(self, part: bytes) -> None:
+    async def _send(self, part: bytearray, held: int = 0) -> None:
+        """Upload `part` in the background (its `held` budget goes back when it is sent), with
+        up to PARALLEL_PARTS in flight: receiving and hashing go on while parts travel."""
         s3 = await self._driver._s3()
         if self._upload is None:
             self._upload = (await s3.create_multipart_upload(Bucket=self._driver.bucket, Key=self._target,
                                                              **self._driver._extra))["UploadId"]
-        number = len(self._parts) + 1
-        r = await s3.upload_part(Bucket=self._driver.bucket, Key=self._target, UploadId=self._upload,
-                                 PartNumber=number, Body=part)
-        self._parts.append({"PartNumber": number, "ETag": r["ETag"]})
-        if number % 1000 == 0:  # 10,000 parts must reach far: 16 MiB × 1,000, then 32 MiB, ...
+        self._numbered += 1
+        if self._numbered % 1000 == 0:  # 10,000 parts must reach far: 8 MiB × 1,000, then 16 MiB, ...
             self._part_size *= 2
+        self._inflight.add(asyncio.ensure_future(self._upload_part(self._upload, self._numbered, part, held)))
+        while len(self._inflight) >= PARALLEL_PARTS:
+            await self._settle(asyncio.FIRST_COMPLETED)
+
+    async def _upload_part(self, upload: str, number: int, part: bytearray, held: int) -> None:
+        try:
+            r = await (await self._driver._s3()).upload_part(
+                Bucket=self._driver.bucket, Key=self._target, UploadId=upload, PartNumber=number, Body=part)
+            self._parts.append({"PartNumber": number, "ETag": r["ETag"]})
+        finally:
+            if held:
+                self._driver.buffers.give(held)
+
+    async def _settle(self, when: str = asyncio.ALL_COMPLETED) -> None:
+        """Wait for parts in flight (one, or all); a part that failed fails the writer."""
+        if not self._inflight:
+            return
+        done, self._inflight = await asyncio.wait(self._inflight, return_when=when)
+        for task in done:
+            task.result()
 
     async def _publish(self) -> None:
         """Make what was written an object at the target: the last part, or one PUT."""
         s3 = await self._driver._s3()
-        if self._upload is None:
-            await s3.put_object(Bucket=self._driver.bucket, Key=self._target, Body=bytes(self._buffer),
-                                **self._driver._extra)
-        else:
-            if self._buffer:
-                await self._send(bytes(self._buffer))
-            await s3.complete_multipart_upload(Bucket=self._driver.bucket, Key=self._target,
-                                               UploadId=self._upload, MultipartUpload={"Parts": self._parts})
-        self._buffer = bytearray()
+        try:
+            if self._upload is None:
+                await s3.put_object(Bucket=self._driver.bucket, Key=self._target, Body=self._buffer,
+                                    **self._driver._extra)
+            else:
+                if self._buffer:
+                    await self._send(self._buffer)
+                await self._settle()
+                parts = sorted(self._parts, key=lambda p: p["PartNumber"])
+                await s3.complete_multipart_upload(Bucket=self._driver.bucket, Key=self._target,
+                                                   UploadId=self._upload, MultipartUpload={"Parts": parts})
+        finally:
+            self._buffer = bytearray()
         self._upload = None
 
     async def commit(self, dest: str, size: int, readonly: bool = False) -> None:
@@ -577,6 +651,11 @@ class S3Writer(FileWriter):
 
     async def cancel(self) -> None:
         self._done = True
+        self._buffer = bytearray()
+        for task in self._inflight:
+            task.cancel()  # each gives its budget back
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        self._inflight = set()
         if self._upload is not None:
             await self._driver._abort(self._target, self._upload)
             self._upload = None
