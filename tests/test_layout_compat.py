@@ -94,34 +94,39 @@ def test_writes_distribution_layout(server_factory, tmp_path):
 
 
 class Distribution:
-    """The real CNCF distribution on a data directory, stopped by its PID."""
+    """The real CNCF distribution on a data directory (or the `storage` YAML given, indented two
+    spaces under `storage:`), stopped by its PID."""
 
-    def __init__(self, data: Path, tmp: Path) -> None:
+    def __init__(self, data: Path | None, tmp: Path, storage: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = tmp / f"distribution-{self.port}.yml"
+        storage = storage or f"  filesystem: {{rootdirectory: {data}}}\n"
         cfg.write_text(f"""version: 0.1
 log: {{level: error, accesslog: {{disabled: true}}}}
 storage:
-  filesystem: {{rootdirectory: {data}}}
-  delete: {{enabled: true}}
+{storage}  delete: {{enabled: true}}
 http: {{addr: 127.0.0.1:{self.port}, secret: test-secret}}
 """)
-        self.log = open(tmp / f"distribution-{self.port}.log", "wb")
-        self.proc = subprocess.Popen([shutil.which("docker-registry"), "serve", str(cfg)],
+        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}  # its Go S3 client panics on it
+        log_path = tmp / f"distribution-{self.port}.log"
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen([shutil.which("docker-registry"), "serve", str(cfg)], env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 20
+        deadline = time.time() + 30
         while time.time() < deadline:
             try:
                 if http("GET", self.url + "/v2/")[0] == 200:
                     return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError("distribution did not start")
+        self.stop()
+        raise RuntimeError("distribution did not start: " + log_path.read_text()[-2000:])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=15)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
         self.log.close()
 
 

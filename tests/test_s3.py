@@ -5,16 +5,15 @@ the API suite over S3 are in test_storage_contract.py and test_over_every_driver
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from .conftest import OCI_MANIFEST, digest_of, free_port, http, image_manifest, require_tool
+from .conftest import OCI_MANIFEST, digest_of, http, image_manifest, require_tool
+from .test_layout_compat import Distribution
 
 
 def s3_env(rgw: dict[str, str], root: str) -> dict[str, str]:
@@ -198,17 +197,9 @@ async def test_part_buffers_of_all_writers_stay_within_the_budget(rgw):
         await driver.close()
 
 
-class DistributionOnS3:
+def distribution_on_s3(rgw: dict[str, str], root: str, tmp: Path) -> Distribution:
     """The real CNCF distribution 2.8.2 (Debian's docker-registry) on the same bucket and root."""
-
-    def __init__(self, rgw: dict[str, str], root: str, tmp: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cfg = tmp / f"distribution-{self.port}.yml"
-        cfg.write_text(f"""version: 0.1
-log: {{level: error, accesslog: {{disabled: true}}}}
-storage:
-  s3:
+    return Distribution(None, tmp, storage=f"""  s3:
     region: us-east-1
     regionendpoint: {rgw["S3_ENDPOINT"]}
     bucket: {rgw["S3_BUCKET"]}
@@ -216,29 +207,8 @@ storage:
     secretkey: {rgw["S3_SECRET_KEY"]}
     rootdirectory: {root}
     secure: false
-  delete: {{enabled: true}}
   redirect: {{disable: true}}
-http: {{addr: 127.0.0.1:{self.port}, secret: test-secret}}
 """)
-        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}  # its Go client panics on it
-        self.log = open(tmp / f"distribution-{self.port}.log", "wb")
-        self.proc = subprocess.Popen([shutil.which("docker-registry"), "serve", str(cfg)], env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if http("GET", self.url + "/v2/")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("distribution did not start: " + (tmp / f"distribution-{self.port}.log").read_text())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
-        self.log.close()
 
 
 def push_image(url: str, name: str, layer: bytes) -> bytes:
@@ -272,7 +242,7 @@ def test_a_bucket_shared_with_distribution_both_ways(rgw, server_factory, tmp_pa
     data = tmp_path / "unused"
     data.mkdir()
     ours = server_factory(data, env=s3_env(rgw, root))
-    theirs = DistributionOnS3(rgw, root, tmp_path)
+    theirs = distribution_on_s3(rgw, root, tmp_path)
     try:
         by_them = os.urandom(7 << 20)
         manifest = push_image(theirs.url, "from/distribution", by_them)
