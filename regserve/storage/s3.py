@@ -27,6 +27,8 @@ Dot names are this driver's own: the contract forbids them in paths, and listing
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import time
 import uuid
@@ -81,6 +83,13 @@ class _Buffers:
             if not waiter.done():
                 self.used += n
                 waiter.set_result(None)
+
+
+def _content_md5(request: Any, **_: Any) -> None:
+    """Batch deletes carry Content-MD5: S3 once required it, and stricter engines (Swift's s3api,
+    MinIO-derived ones) still refuse a DeleteObjects without it (botocore sends a CRC32 only)."""
+    body = request.body if isinstance(request.body, bytes) else bytes(request.body or b"")
+    request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
 
 
 def _code(e: ClientError) -> str:
@@ -140,6 +149,7 @@ class S3Driver(StorageDriver):
         if entry is None:
             context = get_session().create_client("s3", **self._client_args)
             entry = self._clients[loop] = (context, await context.__aenter__())
+            entry[1].meta.events.register("before-sign.s3.DeleteObjects", _content_md5)
         return entry[1]
 
     def _key(self, path: str) -> str:
