@@ -63,8 +63,10 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     if etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     config = request.app[CONFIG_KEY]
-    if request.method == "GET" and config.redirect:  # the object store sends it (S3); HEAD stays here
-        url = await repo.blobs.store.redirect_url(info)
+    store = repo.blobs.store
+    local = store.local_path(info)
+    if local is None and request.method == "GET" and config.redirect:  # an object store sends it (S3)
+        url = await store.redirect_url(info)
         if url is not None:
             events.emit(request, "pull", events.blob(request, repo.name, d, info.size))
             return web.Response(status=307, headers={"Location": url, "Docker-Content-Digest": str(d)})
@@ -83,8 +85,6 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(status=status, headers=headers)
     if request.method != "HEAD":
         events.emit(request, "pull", events.blob(request, repo.name, d, info.size))
-    store = repo.blobs.store
-    local = store.local_path(info)
     count = end - start + 1 if info.size else 0
     tls = request.transport is not None and request.transport.get_extra_info("sslcontext")
     try:

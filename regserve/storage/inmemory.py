@@ -51,9 +51,6 @@ class InMemoryWriter(FileWriter):
             self.size += len(chunk)
         self._obj.mtime = time.time()
 
-    def write_from_thread(self, staged: Sequence[bytes], loop: asyncio.AbstractEventLoop) -> None:
-        asyncio.run_coroutine_threadsafe(self.write(staged), loop).result()
-
     async def commit(self, dest: str, size: int, readonly: bool = False) -> None:
         check_path(dest)
         table = self._driver._temps if self._private else self._driver._objects

@@ -644,7 +644,7 @@ class S3Writer(FileWriter):
                 await driver._delete_keys([self._target])
             self._done = True
             return
-        if not await self.close():  # our segment first
+        if not await self._finish():  # our segment first
             raise CommitMismatch(f"{self._key}: its upload was removed while being written")
         segments = await driver._segments(self._key)
         mine = self._segments + ([(self._start, self.size - self._start, self._target)]
@@ -670,7 +670,10 @@ class S3Writer(FileWriter):
             await self._driver._abort(self._target, self._upload)
             self._upload = None
 
-    async def close(self) -> bool:  # type: ignore[override]
+    async def close(self) -> None:
+        await self._finish()
+
+    async def _finish(self) -> bool:
         """Publish what was written (False: an appended object's upload is gone; nothing was)."""
         if self._done:
             return True
