@@ -227,8 +227,14 @@ def require_tool(name: str, why: str) -> str:
 @pytest.fixture(scope="session")
 def rgw(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A single-node Ceph RADOS Gateway (Debian's ceph packages) on free loopback ports, for the
-    S3 tests: its S3_ENDPOINT, S3_ACCESS_KEY, S3_SECRET_KEY and S3_BUCKET. Stopped by its PIDs."""
+    S3 tests: its S3_ENDPOINT, S3_ACCESS_KEY, S3_SECRET_KEY and S3_BUCKET. Stopped by its PIDs.
+    REGSERVE_TEST_RGW=FILE (the exports start-ceph-rgw.sh printed) reuses a running one instead,
+    to iterate on the S3 tests without a minute of bring-up each run."""
     import random
+    if os.environ.get("REGSERVE_TEST_RGW"):
+        text = Path(os.environ["REGSERVE_TEST_RGW"]).read_text()
+        yield dict(line[len("export "):].split("=", 1) for line in text.splitlines() if line.startswith("export "))
+        return
     for tool in ("radosgw", "ceph-mon", "ceph-osd"):
         require_tool(tool, "Ceph RGW, the S3 engine of the S3 tests")
     base = tmp_path_factory.mktemp("rgw")

@@ -156,6 +156,12 @@ class FaultyWriter(FileWriter):
         self._driver.check("writer.write", self._path)
         self._inner.write_from_thread(staged, loop)
 
+    async def admit(self, nbytes: int) -> None:
+        await self._inner.admit(nbytes)
+
+    async def release_staging(self) -> None:
+        await self._inner.release_staging()
+
     async def commit(self, dest: str, size: int, readonly: bool = False) -> None:
         await self._driver.acheck("writer.commit", dest)
         await self._inner.commit(dest, size, readonly)

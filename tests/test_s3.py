@@ -4,18 +4,27 @@ the API suite over S3 are in test_storage_contract.py and test_over_every_driver
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 
-from regserve.storage import PathNotFound
+from regserve.storage import Busy, PathNotFound, s3
 
 from .conftest import OCI_MANIFEST, digest_of, http, image_manifest, require_tool
 from .test_layout_compat import Distribution
+from .test_resume import upload_offset
 
 
 def s3_env(rgw: dict[str, str], root: str) -> dict[str, str]:
@@ -159,10 +168,12 @@ def test_skopeo_pulls_through_the_redirects(rgw, server_factory, tmp_path):
     assert "http.response.status=307" in log  # the layers came from the engine
 
 
-async def test_part_buffers_of_all_writers_stay_within_the_budget(rgw):
-    """Concurrent writers wait for room to send parts rather than grow the process: at no time
-    do their parts in flight together exceed the budget, no writer holding a shared writing
-    thread starves the others (that deadlocked once), and every object arrives whole."""
+async def test_body_bytes_of_all_writers_stay_within_the_budget(rgw):
+    """Concurrent writers wait for room before they take more of a body, rather than grow the
+    process: at no time do the bytes they hold (staged, filling a part, parts in flight) exceed
+    the budget; with the pipeline's shared writing threads fewer than the writers, no writer
+    starves the others (admission happens on the event loop, before a thread is involved), and
+    every object arrives whole."""
     from regserve.storage.s3 import S3Driver, _Buffers
     driver = S3Driver(rgw["S3_BUCKET"], regionendpoint=rgw["S3_ENDPOINT"], accesskey=rgw["S3_ACCESS_KEY"],
                       secretkey=rgw["S3_SECRET_KEY"], rootdirectory=f"/budget-{uuid.uuid4().hex[:12]}",
@@ -178,8 +189,6 @@ async def test_part_buffers_of_all_writers_stay_within_the_budget(rgw):
     driver.buffers.take = watched_take  # type: ignore[method-assign]
     blobs = [os.urandom((12 << 20) + i) for i in range(6)]
 
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
     threads = ThreadPoolExecutor(2)  # fewer writing threads than writers, as the upload pipeline has
 
     async def push(i: int) -> None:
@@ -187,7 +196,9 @@ async def test_part_buffers_of_all_writers_stay_within_the_budget(rgw):
         await driver.put_content(f"/up/{i}/startedat", b"x")
         writer = await driver.append(f"/up/{i}/data")
         for start in range(0, len(blobs[i]), 1 << 20):
-            await loop.run_in_executor(threads, writer.write_from_thread, [blobs[i][start:start + (1 << 20)]], loop)
+            piece = blobs[i][start:start + (1 << 20)]
+            await writer.admit(len(piece))  # as the upload pipeline does, on the loop
+            await loop.run_in_executor(threads, writer.write_from_thread, [piece], loop)
         await writer.commit(f"/blobs/{i}", len(blobs[i]))
     try:
         await asyncio.wait_for(asyncio.gather(*(push(i) for i in range(6))), 120)  # no deadlock
@@ -195,7 +206,7 @@ async def test_part_buffers_of_all_writers_stay_within_the_budget(rgw):
         for i, blob in enumerate(blobs):
             assert await driver.get_content(f"/blobs/{i}") == blob
     finally:
-        threads.shutdown()
+        threads.shutdown(wait=False, cancel_futures=True)
         await driver.close()
 
 
@@ -277,5 +288,182 @@ async def test_batch_deletes_carry_content_md5(rgw):
         assert sent and all(md5 == base64.b64encode(hashlib.md5(body).digest()).decode() for md5, body in sent)
         with pytest.raises(PathNotFound):
             await driver.stat("/doomed")
+    finally:
+        await driver.close()
+
+
+def _driver(rgw: dict[str, str], name: str) -> Any:
+    from regserve.storage.s3 import S3Driver
+    return S3Driver(rgw["S3_BUCKET"], regionendpoint=rgw["S3_ENDPOINT"], accesskey=rgw["S3_ACCESS_KEY"],
+                    secretkey=rgw["S3_SECRET_KEY"], rootdirectory=f"/{name}-{uuid.uuid4().hex[:12]}",
+                    chunksize=5 << 20)
+
+
+async def test_every_multipart_upload_has_equal_parts_as_parts_grow(rgw, monkeypatch):
+    """Parts grow so that 10,000 reach far, yet each multipart upload keeps one part size (R2
+    refuses unequal ones): a writer moves to a new segment when its parts double."""
+    monkeypatch.setattr(s3, "PARTS_PER_SEGMENT", 2)
+    driver = _driver(rgw, "segments")
+    sizes: dict[str, set[int]] = {}
+    try:
+        client = await driver._s3()
+        upload_part = client.upload_part
+
+        async def recorded(**kw: Any) -> Any:
+            sizes.setdefault(kw["UploadId"], set()).add(len(kw["Body"]))
+            return await upload_part(**kw)
+        client.upload_part = recorded
+        await driver.put_content("/up/startedat", b"x")
+        writer = await driver.append("/up/data")
+        blob = os.urandom((35 << 20) + 3)
+        for start in range(0, len(blob), 1 << 20):
+            await writer.write([blob[start:start + (1 << 20)]])
+        await writer.close()
+        segments = await driver._segments(driver._key("/up/data"))
+        assert [size for _, size, _ in segments] == [10 << 20, 20 << 20, (5 << 20) + 3]
+        # every upload but the last segment's: one size of part (the last part may be smaller)
+        assert sorted(min(s) for s in sizes.values() if len(s) == 1) == [5 << 20, 10 << 20]
+        writer = await driver.append("/up/data")
+        await writer.commit("/blob", len(blob))
+        assert await driver.get_content("/blob") == blob
+        assert driver.buffers.used == 0
+    finally:
+        await driver.close()
+
+
+async def test_a_quiet_client_makes_its_bytes_durable_and_gives_the_budget_back(rgw):
+    """A body that goes quiet (release_staging) ends the writer's segment: what arrived is
+    durable and counted in the size, the writer holds no budget while it waits (idle clients
+    cannot starve busy ones), and the upload continues into a new segment."""
+    driver = _driver(rgw, "quiet")
+    try:
+        await driver.put_content("/up/startedat", b"x")
+        writer = await driver.append("/up/data")
+        blob = os.urandom(9 << 20)
+        await writer.admit(3 << 20)
+        await writer.write([blob[:3 << 20]])
+        assert driver.buffers.used == 5 << 20  # one whole part is covered
+        await writer.release_staging()
+        assert driver.buffers.used == 0
+        assert (await driver.stat("/up/data")).size == 3 << 20  # durable before the writer closes
+        await writer.admit(6 << 20)
+        await writer.write([blob[3 << 20:]])
+        await writer.commit("/blob", len(blob))
+        assert await driver.get_content("/blob") == blob
+        assert driver.buffers.used == 0
+    finally:
+        await driver.close()
+
+
+async def test_the_lease_of_an_owner_that_died_expires_and_exactly_one_contender_takes_it(rgw, monkeypatch):
+    """A replica killed while owning an upload leaves its lease behind: nobody may take the
+    upload until the lease expires, then exactly one of many contenders does (a conditional
+    PUT on the lease's ETag), and a live owner's lease is renewed, never lost to a contender."""
+    monkeypatch.setattr(s3, "LEASE_SECONDS", 2.0)
+    driver = _driver(rgw, "leases")
+    try:
+        await driver.put_content("/up/startedat", b"x")
+        lease = f"{driver._private}/locks/{driver._key('/up/startedat')}/x"
+        client = await driver._s3()
+        await client.put_object(Bucket=driver.bucket, Key=lease,
+                                Body=json.dumps({"expires": time.time() + 2.0}).encode())  # the dead owner's
+        with pytest.raises(Busy):
+            async with driver.lock("/up/startedat"):
+                pass
+        await asyncio.sleep(2.2)
+        owners, attempts = 0, 0
+        release = asyncio.Event()
+
+        async def contend() -> None:
+            nonlocal owners, attempts
+            try:
+                async with driver.lock("/up/startedat"):
+                    owners += 1
+                    attempts += 1
+                    await release.wait()
+            except Busy:
+                attempts += 1
+        contenders = [asyncio.ensure_future(contend()) for _ in range(8)]
+        while attempts < 8:
+            await asyncio.sleep(0.05)
+        assert owners == 1
+        await asyncio.sleep(4.5)  # two lease lifetimes: the owner renews it meanwhile
+        with pytest.raises(Busy):
+            async with driver.lock("/up/startedat"):
+                pass
+        release.set()
+        await asyncio.gather(*contenders)
+        async with driver.lock("/up/startedat"):  # released: free at once
+            pass
+    finally:
+        await driver.close()
+
+
+def test_kill_9_mid_patch_on_s3_resumes_on_another_replica_from_the_durable_offset(rgw, server_factory, tmp_path):
+    """A replica killed mid-PATCH loses only what was not in a published segment: bytes that
+    arrived before the client paused (their segment published when the body went quiet) are
+    the offset another replica reports, and the push completes there: its first PATCH waits out
+    the dead replica's lease (shorter than a request's wait for an owner) instead of failing."""
+    env = s3_env(rgw, f"/crash-{uuid.uuid4().hex[:12]}")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = server_factory(tmp_path / "a", env=env)
+    blob = os.urandom(20 << 20)
+    status, headers, _ = http("POST", f"{first.url}/v2/big/blobs/uploads/")
+    assert status == 202
+    path = urlparse(headers["Location"]).path
+    u = urlparse(first.url)
+    s = socket.create_connection((u.hostname, u.port))
+    s.sendall(f"PATCH {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Length: {len(blob)}\r\n\r\n".encode())
+    s.sendall(blob[:12 << 20])
+    time.sleep(4)  # the body goes quiet: its segment is published
+    s.sendall(blob[12 << 20:15 << 20])  # less than a part: in memory only
+    time.sleep(0.3)
+    first.stop(signal.SIGKILL)
+    s.close()
+    second = server_factory(tmp_path / "b", env=env)
+    offset = upload_offset(second.url, path)
+    assert offset == 12 << 20
+    status, headers, body = http("PATCH", f"{second.url}{path}", blob[offset:],
+                              {"Content-Range": f"{offset}-{len(blob) - 1}"})
+    assert status == 202, body
+    digest = digest_of(blob)
+    status, _, body = http("PUT", f"{second.url}{path}?digest={digest}")
+    assert status == 201, body
+    status, _, got = http("GET", f"{second.url}/v2/big/blobs/{digest}")
+    assert status == 200 and got == blob
+
+
+async def test_segments_of_every_size_assemble_reading_only_small_runs(rgw):
+    """A commit joins an upload's segments server-side: runs of segments under S3's 5 MiB part
+    minimum are read and sent again, and a large segment after such a run lends it only its
+    head (never read whole); with distribution's multipartcopy* keys set, large segments are
+    copied in parts of that size, a short tail joining the part before it."""
+    from regserve.storage.s3 import S3Driver
+    driver = S3Driver(rgw["S3_BUCKET"], regionendpoint=rgw["S3_ENDPOINT"], accesskey=rgw["S3_ACCESS_KEY"],
+                      secretkey=rgw["S3_SECRET_KEY"], rootdirectory=f"/assemble-{uuid.uuid4().hex[:12]}",
+                      chunksize=5 << 20, multipartcopychunksize=5 << 20, multipartcopythresholdsize=5 << 20)
+    reads: list[int] = []
+    read_key = driver._read_key
+
+    async def recorded(key: str, first: int = 0, last: int | None = None) -> bytes:
+        data = await read_key(key, first, last)
+        reads.append(len(data))
+        return data
+    driver._read_key = recorded  # type: ignore[method-assign]
+    try:
+        await driver.put_content("/up/startedat", b"x")
+        writer = await driver.append("/up/data")
+        sizes = [1 << 20, 12 << 20, 2 << 20, (6 << 20) + 1, 3 << 20]
+        blob = os.urandom(sum(sizes))
+        offset = 0
+        for size in sizes:
+            await writer.write([blob[offset:offset + size]])
+            await writer.release_staging()  # the client pauses: a segment each
+            offset += size
+        assert [s for _, s, _ in await driver._segments(driver._key("/up/data"))] == sizes
+        await writer.commit("/blob", len(blob))
+        assert await driver.get_content("/blob") == blob
+        assert reads and max(reads) < 10 << 20
     finally:
         await driver.close()

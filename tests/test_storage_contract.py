@@ -59,7 +59,7 @@ async def stream(d: StorageDriver, writer: Any, data: bytes, piece: int = 7000) 
     hashed, ready = writer.take_staged()
     assert b"".join(bytes(h) for h in hashed) == data  # what is hashed is what is written
     await loop.run_in_executor(None, writer.write_from_thread, ready, loop)
-    writer.release_staging()
+    await writer.release_staging()
 
 
 # -- reading and writing small objects -------------------------------------------------------

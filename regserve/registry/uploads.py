@@ -95,6 +95,7 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher],
             pipe = _Pipeline(writer, hashers)
         pending, nbytes = batch, batched
         batch, batched = [], 0
+        await writer.admit(nbytes)
         await pipe.submit(pending, nbytes)
         since_checkpoint += nbytes
 
@@ -107,7 +108,7 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher],
                     await pipe.drain()
             except Exception:  # noqa: BLE001 - the stream meets the same error next, and raises it
                 return
-            writer.release_staging()
+            await writer.release_staging()
 
     if hasattr(body, "on_idle"):
         body.on_idle = on_idle
@@ -138,6 +139,7 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher],
                 else:
                     try:
                         if batch:
+                            await writer.admit(batched)
                             await pipe.submit(batch, batched)
                     finally:
                         await pipe.drain()  # even after an error: no thread may outlive the writer

@@ -25,5 +25,8 @@ def create_driver(kind: str, params: dict[str, Any]) -> StorageDriver:
                         forcepathstyle=params.get("forcepathstyle", True) is not False,
                         chunksize=int(params.get("chunksize") or 0) or 8 << 20,
                         storageclass=params.get("storageclass"), encrypt=bool(params.get("encrypt", False)),
-                        keyid=params.get("keyid"), sessiontoken=params.get("sessiontoken"))
+                        keyid=params.get("keyid"), sessiontoken=params.get("sessiontoken"),
+                        multipartcopychunksize=params.get("multipartcopychunksize"),
+                        multipartcopymaxconcurrency=params.get("multipartcopymaxconcurrency"),
+                        multipartcopythresholdsize=params.get("multipartcopythresholdsize"))
     raise ValueError(f"storage driver {kind!r} is not available")

@@ -78,10 +78,11 @@ class FileWriter(abc.ABC):
     existing one, continued from its size).
 
     Writes are sequential: one at a time, each appended after the last. Bulk data comes from the
-    upload pipeline: on the event loop it `stage()`s each piece of a body and `take_staged()`s at
-    the end of each batch; its hashing thread hashes what was taken, its writing thread passes it
-    to `write_from_thread()`. `write()` is for a body small enough that a thread handoff would cost
-    more than the write. `size` counts the bytes written (or staged, where staging copies).
+    upload pipeline: on the event loop it `admit()`s each batch of a body (before reading on),
+    `stage()`s its pieces and `take_staged()`s them; its hashing thread hashes what was taken, its
+    writing thread passes it to `write_from_thread()`, which may then not wait for a budget.
+    `write()` is for a body small enough that a thread handoff would cost more than the write.
+    `size` counts the bytes written (or staged, where staging copies).
 
     `commit(dest, size)` makes the object durable and publishes it atomically as `dest`, but only
     if it is exactly what was written through this writer and `size` bytes long: the caller passes
@@ -118,7 +119,12 @@ class FileWriter(abc.ABC):
         waits."""
         asyncio.run_coroutine_threadsafe(self.write(staged), loop).result()
 
-    def release_staging(self) -> None:
+    async def admit(self, nbytes: int) -> None:
+        """Called on the event loop before the pipeline takes `nbytes` more of a body. A driver
+        that must buffer before it writes (S3 parts) waits here for room in a process-wide
+        budget, so the body is not read further meanwhile; no pool thread is held while waiting."""
+
+    async def release_staging(self) -> None:
         """The stream has gone quiet: write out what staging holds and give its buffers back
         (staging starts again with the next piece). On the event loop, with nothing in flight."""
 

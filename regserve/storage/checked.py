@@ -127,6 +127,7 @@ class _Writer(FileWriter):
         self.stage = inner.stage  # type: ignore[method-assign]  # per piece: no wrapping
         self.take_staged = inner.take_staged  # type: ignore[method-assign]
         self.release_staging = inner.release_staging  # type: ignore[method-assign]
+        self.admit = inner.admit  # type: ignore[method-assign]
 
     @property
     def size(self) -> int:  # type: ignore[override]

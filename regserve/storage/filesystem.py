@@ -291,7 +291,7 @@ class FilesystemWriter(FileWriter):
         else:
             self._direct.write(staged)
 
-    def release_staging(self) -> None:
+    async def release_staging(self) -> None:
         self._end_direct()
         self._direct_tried = not self._driver.direct_io  # direct again with the next piece
 

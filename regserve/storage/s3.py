@@ -44,25 +44,32 @@ from .base import AlreadyExists, Busy, CommitMismatch, FileInfo, FileWriter, Pat
 MIN_PART = 5 << 20          # S3's smallest part (but the last)
 PART_SIZE = 8 << 20         # a writer's first part size (distribution: 10 MiB); doubles every 1,000 parts
 COPY_PART = 1 << 30         # server-side copies move at most this a part
+COPY_PARALLEL = 8           # parts of one server-side copy in flight
 SINGLE_COPY_MAX = 5 << 30   # CopyObject's limit; above it, a multipart copy
 PARALLEL_PARTS = 3         # parts of one writer in flight at once
-BUFFER_BUDGET = 64 << 20   # part buffers of all writers of a process together (sending copies them once more)
-LEASE_SECONDS = 30.0        # a lock's lease; renewed every third of it while held
+PARTS_PER_SEGMENT = 1000   # then a new segment (multipart upload), with parts twice as large
+BUFFER_BUDGET = 96 << 20   # body bytes all writers of a process hold before S3 has them
+LEASE_SECONDS = 9.0         # a lock's lease, renewed every third of it while held: shorter than a
+                            # request's wait for an owner (10 s), so a retry after a crash waits, not fails
 _MISSING = ("NoSuchKey", "404", "NotFound", "NoSuchUpload")
 
 
 class _Buffers:
-    """The bytes of parts all writers of this process may have in flight at once (besides the
-    one part each writer fills). A writer takes a part's worth before sending it and gives it
-    back once S3 has it, so concurrent pushes wait for room instead of growing the process."""
+    """The bytes of upload bodies all writers of this process may hold at once: received and
+    not yet acknowledged by S3, whether staged, in the part being filled or in a part in flight.
+    A writer takes a whole part's worth before it reads the bytes that start a part (on the
+    event loop, holding no thread) and gives it back once S3 has the part, so concurrent pushes
+    wait for room, their bodies unread, instead of growing the process."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.used = limit, 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
+    def _fits(self, n: int) -> bool:
+        return self.used + n <= self.limit or self.used == 0  # a part over the limit goes alone
+
     async def take(self, n: int) -> None:
-        n = min(n, self.limit)  # one part larger than the whole budget still goes, alone
-        if self.used + n <= self.limit and not self._waiters:
+        if not self._waiters and self._fits(n):
             self.used += n
             return
         waiter = asyncio.get_running_loop().create_future()
@@ -77,8 +84,8 @@ class _Buffers:
             raise
 
     def give(self, n: int) -> None:
-        self.used -= min(n, self.limit)
-        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
+        self.used -= n
+        while self._waiters and self._fits(self._waiters[0][0]):
             n, waiter = self._waiters.pop(0)  # in order: no small part starves a large one
             if not waiter.done():
                 self.used += n
@@ -90,6 +97,15 @@ def _content_md5(request: Any, **_: Any) -> None:
     MinIO-derived ones) still refuse a DeleteObjects without it (botocore sends a CRC32 only)."""
     body = request.body if isinstance(request.body, bytes) else bytes(request.body or b"")
     request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
+def _copy_ranges(size: int, part: int) -> list[tuple[int, int]]:
+    """Inclusive byte ranges of `part` bytes covering `size`; a short tail (under S3's 5 MiB
+    part minimum, which only an object's last part may break) joins the range before it."""
+    ranges = [(start, min(size, start + part) - 1) for start in range(0, size, part)]
+    if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] + 1 < MIN_PART:
+        ranges[-2:] = [(ranges[-2][0], ranges[-1][1])]
+    return ranges
 
 
 def _code(e: ClientError) -> str:
@@ -108,14 +124,21 @@ class S3Driver(StorageDriver):
                  accesskey: str | None = None, secretkey: str | None = None, rootdirectory: str = "",
                  secure: bool = True, skipverify: bool = False, forcepathstyle: bool = True,
                  chunksize: int = PART_SIZE, storageclass: str | None = None, encrypt: bool = False,
-                 keyid: str | None = None, sessiontoken: str | None = None) -> None:
+                 keyid: str | None = None, sessiontoken: str | None = None,
+                 multipartcopychunksize: int | None = None, multipartcopymaxconcurrency: int | None = None,
+                 multipartcopythresholdsize: int | None = None) -> None:
         """distribution's storage.s3 keys. Without accesskey and secretkey: the standard AWS
-        credential chain (environment, profile, instance role)."""
+        credential chain (environment, profile, instance role). The multipartcopy* keys, when
+        set, shape server-side copies as in distribution; unset, copies take 1 GiB parts, 8 at
+        a time, and objects up to 5 GiB go in one CopyObject."""
         self.bucket = bucket
         self.root = rootdirectory.strip("/")
         self._private = (self.root + "/" if self.root else "") + ".regserve"
         self._part = max(MIN_PART, int(chunksize))
-        self.buffers = _Buffers(max(BUFFER_BUDGET, 4 * self._part))
+        self._copy_part = max(MIN_PART, min(SINGLE_COPY_MAX, int(multipartcopychunksize or COPY_PART)))
+        self._copy_parallel = max(1, int(multipartcopymaxconcurrency or COPY_PARALLEL))
+        self._copy_threshold = min(SINGLE_COPY_MAX, int(multipartcopythresholdsize or SINGLE_COPY_MAX))
+        self.buffers = _Buffers(max(BUFFER_BUDGET, 2 * self._part))
         # What every object written gets: distribution's storageclass and encrypt/keyid.
         self._extra: dict[str, str] = {}
         if storageclass and storageclass != "NONE":
@@ -310,7 +333,7 @@ class S3Driver(StorageDriver):
     async def _copy(self, source: str, dest: str, size: int) -> None:
         """A server-side copy: one request up to 5 GiB, else a multipart copy in parallel."""
         s3 = await self._s3()
-        if size <= SINGLE_COPY_MAX:
+        if size <= self._copy_threshold:
             await s3.copy_object(Bucket=self.bucket, Key=dest, CopySource={"Bucket": self.bucket, "Key": source},
                                  MetadataDirective="REPLACE", **self._extra)
             return
@@ -324,22 +347,31 @@ class S3Driver(StorageDriver):
         upload = (await s3.create_multipart_upload(Bucket=self.bucket, Key=dest, **self._extra))["UploadId"]
         try:
             jobs: list[Any] = []
-            pending: list[tuple[int, int, str]] = []
+            pending: list[tuple[str, int, int]] = []  # (key, first, last byte) to read and send
+            held = 0
 
             def flush_small() -> None:
+                nonlocal held
                 if pending:
                     jobs.append(("send", list(pending)))
                     pending.clear()
-            for offset, size, key in pieces:
-                if size >= MIN_PART and not pending:
-                    for start in range(0, size, COPY_PART):
-                        jobs.append(("copy", key, start, min(size, start + COPY_PART) - 1))
-                else:
-                    pending.append((offset, size, key))
-                    if sum(s for _, s, _ in pending) >= MIN_PART:
+                    held = 0
+            for _, size, key in pieces:
+                head = 0
+                if held and size - (MIN_PART - held) >= MIN_PART:
+                    head = MIN_PART - held  # completes the small run; the rest is copied
+                    pending.append((key, 0, head - 1))
+                    flush_small()
+                if not held and size - head >= MIN_PART:
+                    for start, end in _copy_ranges(size - head, self._copy_part):
+                        jobs.append(("copy", key, head + start, head + end))
+                elif size:
+                    pending.append((key, 0, size - 1))  # small: never more than 10 MiB together
+                    held += size
+                    if held >= MIN_PART:
                         flush_small()
             flush_small()
-            limit = asyncio.Semaphore(8)
+            limit = asyncio.Semaphore(self._copy_parallel)
 
             async def run(number: int, job: Any) -> dict:
                 async with limit:
@@ -349,7 +381,7 @@ class S3Driver(StorageDriver):
                             CopySource={"Bucket": self.bucket, "Key": job[1]},
                             CopySourceRange=f"bytes={job[2]}-{job[3]}")
                         return {"PartNumber": number, "ETag": r["CopyPartResult"]["ETag"]}
-                    data = b"".join([await self._read_key(k) for _, _, k in job[1]])
+                    data = b"".join([await self._read_key(k, first, last) for k, first, last in job[1]])
                     r = await s3.upload_part(Bucket=self.bucket, Key=dest, UploadId=upload, PartNumber=number,
                                              Body=data)
                     return {"PartNumber": number, "ETag": r["ETag"]}
@@ -370,9 +402,10 @@ class S3Driver(StorageDriver):
             if not _missing(e):
                 raise
 
-    async def _read_key(self, key: str) -> bytes:
+    async def _read_key(self, key: str, first: int = 0, last: int | None = None) -> bytes:
         s3 = await self._s3()
-        r = await s3.get_object(Bucket=self.bucket, Key=key)
+        extra = {"Range": f"bytes={first}-{last}"} if last is not None else {}
+        r = await s3.get_object(Bucket=self.bucket, Key=key, **extra)
         async with r["Body"] as body:
             return await body.read()
 
@@ -543,14 +576,19 @@ class S3Driver(StorageDriver):
 
 
 class S3Writer(FileWriter):
-    """Streams one object (a private one, or an appended object's next segment) as a multipart
-    upload, at most one part in memory; publishes it on close (a segment) or commit."""
+    """Streams one object (a private one, or an appended object's segments) as multipart
+    uploads, at most one part being filled. Every body byte it holds is covered by the driver's
+    process-wide budget (`admit`). An appended object's writer ends a segment and starts the
+    next when its client goes quiet (what arrived becomes durable, and the budget goes back)
+    and every PARTS_PER_SEGMENT parts (the next segment's parts are twice as large, so each
+    multipart upload has equal parts but its last, as R2 requires, and 10,000 parts of the
+    final object reach far past 5 TiB)."""
 
     def __init__(self, driver: S3Driver, key: str, target: str, start: int,
                  segments: list[tuple[int, int, str]], private: bool, session: str | None) -> None:
         super().__init__()
         self._driver, self._key, self._target, self._session = driver, key, target, session
-        self._segments, self._private = segments, private
+        self._segments, self._private = list(segments), private
         self._start = start
         self.size = start
         self._buffer = bytearray()
@@ -560,10 +598,30 @@ class S3Writer(FileWriter):
         self._numbered = 0
         self._inflight: set[asyncio.Future[None]] = set()
         self._done = False
+        self._admitted = start  # the body's offset up to which bytes are covered by the budget
+        self._held = 0          # budget this writer holds
+        self._unsent = 0        # admitted bytes S3 does not have yet
+        self._error: BaseException | None = None
+
+    async def admit(self, nbytes: int) -> None:
+        self._admitted += nbytes
+        self._unsent += nbytes
+        while self._unsent > self._held:  # a whole part at once: a half-covered part could deadlock
+            await self._driver.buffers.take(self._part_size)
+            self._held += self._part_size
+
+    def _give(self, n: int) -> None:
+        self._held -= n
+        self._driver.buffers.give(n)
 
     async def write(self, chunks: Sequence[bytes]) -> None:
         if self._done:
             raise ValueError("write to a closed writer")
+        if self._error is not None:
+            raise self._error
+        incoming = sum(map(len, chunks))
+        if self.size + incoming > self._admitted:  # not from the pipeline, which admits first
+            await self.admit(self.size + incoming - self._admitted)
         for chunk in chunks:
             view = memoryview(chunk)
             while view:
@@ -572,36 +630,36 @@ class S3Writer(FileWriter):
                 self.size += min(room, len(view))
                 view = view[room:]
                 if len(self._buffer) == self._part_size:
-                    # Budget for parts in flight only: a part being filled holds none, since
-                    # filling it may need a thread of the upload pipeline that a writer
-                    # waiting here holds (waiting with a part half full would deadlock).
                     part = self._buffer
                     self._buffer = bytearray()
-                    await self._driver.buffers.take(len(part))
-                    await self._send(part, len(part))
+                    await self._send(part)
+                    if self._numbered % PARTS_PER_SEGMENT == 0:
+                        if self._private:
+                            self._part_size *= 2  # one upload: its parts grow (private objects are small)
+                        else:
+                            await self._next_segment(grow=True)
 
-    async def _send(self, part: bytearray, held: int = 0) -> None:
-        """Upload `part` in the background (its `held` budget goes back when it is sent), with
-        up to PARALLEL_PARTS in flight: receiving and hashing go on while parts travel."""
+    async def _send(self, part: bytearray) -> None:
+        """Upload `part` in the background, with up to PARALLEL_PARTS in flight: receiving and
+        hashing go on while parts travel."""
         s3 = await self._driver._s3()
         if self._upload is None:
             self._upload = (await s3.create_multipart_upload(Bucket=self._driver.bucket, Key=self._target,
                                                              **self._driver._extra))["UploadId"]
         self._numbered += 1
-        if self._numbered % 1000 == 0:  # 10,000 parts must reach far: 8 MiB × 1,000, then 16 MiB, ...
-            self._part_size *= 2
-        self._inflight.add(asyncio.ensure_future(self._upload_part(self._upload, self._numbered, part, held)))
+        self._inflight.add(asyncio.ensure_future(self._upload_part(self._upload, self._numbered, part)))
         while len(self._inflight) >= PARALLEL_PARTS:
             await self._settle(asyncio.FIRST_COMPLETED)
 
-    async def _upload_part(self, upload: str, number: int, part: bytearray, held: int) -> None:
+    async def _upload_part(self, upload: str, number: int, part: bytearray) -> None:
         try:
             r = await (await self._driver._s3()).upload_part(
                 Bucket=self._driver.bucket, Key=self._target, UploadId=upload, PartNumber=number, Body=part)
             self._parts.append({"PartNumber": number, "ETag": r["ETag"]})
         finally:
-            if held:
-                self._driver.buffers.give(held)
+            sent = min(len(part), self._unsent)
+            self._unsent -= sent
+            self._give(sent)
 
     async def _settle(self, when: str = asyncio.ALL_COMPLETED) -> None:
         """Wait for parts in flight (one, or all); a part that failed fails the writer."""
@@ -614,37 +672,83 @@ class S3Writer(FileWriter):
     async def _publish(self) -> None:
         """Make what was written an object at the target: the last part, or one PUT."""
         s3 = await self._driver._s3()
-        try:
-            if self._upload is None:
+        if self._upload is None:
+            try:
                 await s3.put_object(Bucket=self._driver.bucket, Key=self._target, Body=self._buffer,
                                     **self._driver._extra)
-            else:
-                if self._buffer:
-                    await self._send(self._buffer)
-                await self._settle()
-                parts = sorted(self._parts, key=lambda p: p["PartNumber"])
-                await s3.complete_multipart_upload(Bucket=self._driver.bucket, Key=self._target,
-                                                   UploadId=self._upload, MultipartUpload={"Parts": parts})
-        finally:
-            self._buffer = bytearray()
-        self._upload = None
+            finally:
+                put = min(len(self._buffer), self._unsent)
+                self._unsent -= put
+                self._buffer = bytearray()
+        else:
+            if self._buffer:
+                part, self._buffer = self._buffer, bytearray()
+                await self._send(part)
+            await self._settle()
+            parts = sorted(self._parts, key=lambda p: p["PartNumber"])
+            await s3.complete_multipart_upload(Bucket=self._driver.bucket, Key=self._target,
+                                               UploadId=self._upload, MultipartUpload={"Parts": parts})
+            self._upload, self._parts, self._numbered = None, [], 0
+        self._release_slack()
+
+    def _release_all(self) -> None:
+        """The writer is done: whatever it holds goes back (parts still in flight give none)."""
+        self._unsent = 0
+        self._release_slack()
+
+    def _release_slack(self) -> None:
+        """Give back budget that covers nothing still to be sent."""
+        if self._held > self._unsent:
+            self._give(self._held - self._unsent)
+
+    async def _next_segment(self, grow: bool) -> None:
+        """Publish the segment written so far and continue in a new one at the current size."""
+        if self.size > self._start:
+            if self._session is not None and not await self._session_there():
+                await self.cancel()  # no segment resurrects a removed upload
+                raise CommitMismatch(f"{self._key}: its upload was removed while being written")
+            await self._publish()
+            self._segments.append((self._start, self.size - self._start, self._target))
+            self._start = self.size
+            self._target = f"{self._key}/.seg/{self.size:020d}-{uuid.uuid4().hex}"
+        if grow:
+            self._part_size *= 2
+        self._release_slack()
+
+    async def release_staging(self) -> None:
+        """The client went quiet: what it sent becomes a segment, and the budget goes back."""
+        if self._private or self._done or self._error is not None:
+            return
+        try:
+            await self._next_segment(grow=False)
+        except Exception as e:  # noqa: BLE001 - the body's next write or the commit raises it
+            self._error = e
 
     async def commit(self, dest: str, size: int, readonly: bool = False) -> None:
+        if self._error is not None:
+            raise self._error
         driver = self._driver
         dest_key = driver._key(dest)
         if self._private:
             if self.size != size:
                 raise CommitMismatch(f"holds {self.size} bytes, {size} were verified")
-            if self._upload is None:  # small: straight to its name
-                self._target = dest_key
-                await self._publish()
-            else:
-                await self._publish()
-                await driver._copy(self._target, dest_key, size)
-                await driver._delete_keys([self._target])
+            try:
+                if self._upload is None:  # small: straight to its name
+                    self._target = dest_key
+                    await self._publish()
+                else:
+                    await self._publish()
+                    await driver._copy(self._target, dest_key, size)
+                    await driver._delete_keys([self._target])
+            finally:
+                self._release_all()
             self._done = True
             return
-        if not await self._finish():  # our segment first
+        try:
+            finished = await self._finish()  # our segment first
+        finally:
+            self._release_all()
+        if not finished:
             raise CommitMismatch(f"{self._key}: its upload was removed while being written")
         segments = await driver._segments(self._key)
         mine = self._segments + ([(self._start, self.size - self._start, self._target)]
@@ -666,12 +770,16 @@ class S3Writer(FileWriter):
             task.cancel()  # each gives its budget back
         await asyncio.gather(*self._inflight, return_exceptions=True)
         self._inflight = set()
+        self._release_all()
         if self._upload is not None:
             await self._driver._abort(self._target, self._upload)
             self._upload = None
 
     async def close(self) -> None:
-        await self._finish()
+        try:
+            await self._finish()
+        finally:
+            self._release_all()
 
     async def _finish(self) -> bool:
         """Publish what was written (False: an appended object's upload is gone; nothing was)."""
