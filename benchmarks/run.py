@@ -3,6 +3,7 @@
     python -m benchmarks                 # the full run, writes benchmarks/RESULTS.md
     python -m benchmarks --quick         # small sizes, a smoke run
     python -m benchmarks --calibrate     # the client against the null server
+    python -m benchmarks --storage s3    # both registries on one Ceph RGW (benchmarks/s3.py)
 """
 
 from __future__ import annotations
@@ -319,7 +320,7 @@ def revision(checkout: Path) -> str:
 def write_results(path: Path, info: dict, summaries: list[dict], names: tuple[str, str],
                   args: argparse.Namespace, ref_version: str, regserve_at: str) -> None:
     sha = info["sha256_single_core_MiB/s"]
-    pushes = [s for s in summaries if s["scenario"].startswith("push_large[") and "chunk" not in s["scenario"]]
+    pushes = [s for s in summaries if "push_large[" in s["scenario"] and "chunk" not in s["scenario"]]
     share = "\n".join(f"- {s['scenario']}: regserve {fmt(s['MiB/s'][names[0]]['median'])} MiB/s = "
                       f"{100 * s['MiB/s'][names[0]]['median'] / sha:.0f}% of single-core SHA-256 ({sha} MiB/s)"
                       for s in pushes if names[0] in s.get("MiB/s", {}))
@@ -369,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", action="store_true", help="measure the client against the null server")
     p.add_argument("--source", type=Path, default=None,
                    help="run regserve from this checkout (another commit; default: this one)")
+    p.add_argument("--storage", choices=("filesystem", "s3"), default="filesystem",
+                   help="s3: both registries on a single-node Ceph RGW the run starts (benchmarks/s3.py)")
+    p.add_argument("--rgw", type=Path, default=None,
+                   help="with --storage s3: the exports of a running RGW (tests/s3/start-ceph-rgw.sh)")
+    p.add_argument("--concurrent", type=int, default=8, help="with --storage s3: pushes of 1 GiB at once")
     p.add_argument("--workdir", default=str(HERE / "work"))
     p.add_argument("--results", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)
@@ -377,11 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.mid_size, args.chunk, args.frame = "64M", "32M", "8M", "4M"
         args.small_count, args.manifest_count, args.range_count, args.rounds = 200, 2000, 100, 2
+    if args.storage == "s3" and args.results == str(HERE / "RESULTS.md"):
+        args.results = str(HERE / "RESULTS-s3.md")
 
     h = Harness(args)
     sizes = [parse_size(x) for x in args.sizes.split(",")]
     blob_dir = h.work / "blobs"
     wanted = {**{s: (f"large-{s}.bin", s) for s in sizes}, "mid": ("mid.bin", parse_size(args.mid_size))}
+    concurrent_size = (64 << 20) if args.quick else (1 << 30)
+    if args.storage == "s3":
+        wanted.update({f"c{i}": (f"concurrent-{i}-{concurrent_size}.bin", concurrent_size)
+                       for i in range(args.concurrent)})
     if args.calibrate:
         servers: list[Server] = [NullServer(h.work / "null", blob_dir / wanted[sizes[0]][0])]
         stores = []  # it keeps nothing
@@ -392,6 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     check_free_space(blob_dir, dict(wanted.values()), stores)
     blobs: dict = {key: BlobFile.create(blob_dir / name, size) for key, (name, size) in wanted.items()}
     info = machine(h.work, blobs["mid"].path)
+    engine = None
+    if args.storage == "s3":
+        from . import s3
+        blobs["concurrent"] = [blobs.pop(f"c{i}") for i in range(args.concurrent)]
+        engine = s3.Engine(args.rgw)
+        info.update({k: round(v) for k, v in engine.rates(blobs[sizes[-1]]).items()})
+        for server in servers:
+            s3.OnS3(server, engine, redirect=True)
     print(json.dumps({"machine": info}), flush=True)
 
     for s in servers:
@@ -418,10 +438,16 @@ def main(argv: list[str] | None = None) -> int:
                 for r in range(args.rounds):
                     h.measure(name, servers[0], fn, r)
             return 0
-        run_suite(h, servers, blobs, args)
+        if engine is not None:
+            from . import s3
+            s3.run_suite(h, servers, blobs, args, engine, sizes)
+        else:
+            run_suite(h, servers, blobs, args)
     finally:
         for s in servers:
             s.stop()
+        if engine is not None:
+            engine.stop()
     names = (servers[0].name, servers[1].name)
     summaries = summarise(h.records, names)
     for s in summaries:

@@ -63,11 +63,12 @@ def _check(resp, *expected: int) -> None:
 # -- push ---------------------------------------------------------------------------------------
 
 def push_large(server: Server, blob: BlobFile, chunk: int | None = None, repo: str = "bench/large",
-               frame: int = 0) -> dict:
+               frame: int = 0, forget: bool = True) -> dict:
     """docker's way (POST, one streamed PATCH without Content-Range, PUT ?digest=), its body in
     chunked-encoding frames of `frame` bytes (default: docker's 32 KiB); or Content-Range PATCHes
-    of `chunk` bytes."""
-    server.forget_blob(blob.digest)
+    of `chunk` bytes. The server's copy is forgotten first (unless the caller did)."""
+    if forget:
+        server.forget_blob(blob.digest)
     conn = BlockingConnection(server.url)
     fd = os.open(blob.path, os.O_RDONLY)
     mapped = blob.mapped()

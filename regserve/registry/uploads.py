@@ -100,6 +100,8 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher],
         since_checkpoint += nbytes
 
     async def on_idle() -> None:
+        if handing.locked():  # a batch waits for the writer's room: the client is not idle, we are
+            return
         async with handing:
             try:
                 if batch:

@@ -46,7 +46,7 @@ PART_SIZE = 8 << 20         # a writer's first part size (distribution: 10 MiB);
 COPY_PART = 1 << 30         # server-side copies move at most this a part
 COPY_PARALLEL = 8           # parts of one server-side copy in flight
 SINGLE_COPY_MAX = 5 << 30   # CopyObject's limit; above it, a multipart copy
-PARALLEL_PARTS = 3         # parts of one writer in flight at once
+PARALLEL_PARTS = 6         # parts of one writer in flight at once
 PARTS_PER_SEGMENT = 1000   # then a new segment (multipart upload), with parts twice as large
 BUFFER_BUDGET = 96 << 20   # body bytes all writers of a process hold before S3 has them
 LEASE_SECONDS = 9.0         # a lock's lease, renewed every third of it while held: shorter than a
@@ -381,9 +381,15 @@ class S3Driver(StorageDriver):
                             CopySource={"Bucket": self.bucket, "Key": job[1]},
                             CopySourceRange=f"bytes={job[2]}-{job[3]}")
                         return {"PartNumber": number, "ETag": r["CopyPartResult"]["ETag"]}
-                    data = b"".join([await self._read_key(k, first, last) for k, first, last in job[1]])
-                    r = await s3.upload_part(Bucket=self.bucket, Key=dest, UploadId=upload, PartNumber=number,
-                                             Body=data)
+                    need = sum(last - first + 1 for _, first, last in job[1])
+                    await self.buffers.take(need)  # read back and sent again: within the budget
+                    try:
+                        data = b"".join([await self._read_key(k, first, last) for k, first, last in job[1]])
+                        r = await s3.upload_part(Bucket=self.bucket, Key=dest, UploadId=upload,
+                                                 PartNumber=number, Body=data)
+                    finally:
+                        data = b""
+                        self.buffers.give(need)
                     return {"PartNumber": number, "ETag": r["ETag"]}
             parts = await asyncio.gather(*(run(i + 1, job) for i, job in enumerate(jobs)))
             if not parts:  # an empty object
@@ -591,7 +597,8 @@ class S3Writer(FileWriter):
         self._segments, self._private = list(segments), private
         self._start = start
         self.size = start
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # the part being filled (grown as bytes come: a writer waiting
+        self._fill = 0              # for room holds only what it has, not a whole part)
         self._upload: str | None = None
         self._parts: list[dict] = []
         self._part_size = driver._part
@@ -604,11 +611,17 @@ class S3Writer(FileWriter):
         self._error: BaseException | None = None
 
     async def admit(self, nbytes: int) -> None:
-        self._admitted += nbytes
-        self._unsent += nbytes
-        while self._unsent > self._held:  # a whole part at once: a half-covered part could deadlock
+        # A new part's worth is taken, whole, only once the bytes admitted so far fill what is
+        # held: those bytes then make up whole parts, which go to S3 and give their budget back
+        # without needing any more. (Waiting while a part is only partly covered, or for a
+        # batch that straddles a part's end, deadlocked: every holder waiting for room that
+        # only its own unfinished part would free.) A batch may so run past what is held by
+        # less than itself.
+        while self._unsent >= self._held:
             await self._driver.buffers.take(self._part_size)
             self._held += self._part_size
+        self._admitted += nbytes
+        self._unsent += nbytes
 
     def _give(self, n: int) -> None:
         self._held -= n
@@ -619,25 +632,29 @@ class S3Writer(FileWriter):
             raise ValueError("write to a closed writer")
         if self._error is not None:
             raise self._error
-        incoming = sum(map(len, chunks))
-        if self.size + incoming > self._admitted:  # not from the pipeline, which admits first
-            await self.admit(self.size + incoming - self._admitted)
         for chunk in chunks:
             view = memoryview(chunk)
             while view:
-                room = self._part_size - len(self._buffer)
-                self._buffer += view[:room]
-                self.size += min(room, len(view))
-                view = view[room:]
-                if len(self._buffer) == self._part_size:
-                    part = self._buffer
-                    self._buffer = bytearray()
+                n = min(self._part_size - self._fill, len(view))
+                if self.size + n > self._admitted:  # not from the pipeline, which admits first
+                    await self.admit(self.size + n - self._admitted)
+                self._buffer += view[:n]
+                self._fill += n
+                self.size += n
+                view = view[n:]
+                if self._fill == self._part_size:
+                    part, self._buffer, self._fill = self._buffer, bytearray(), 0
                     await self._send(part)
                     if self._numbered % PARTS_PER_SEGMENT == 0:
                         if self._private:
                             self._part_size *= 2  # one upload: its parts grow (private objects are small)
                         else:
                             await self._next_segment(grow=True)
+
+    def _take_partial(self) -> bytearray:
+        """What the part being filled holds; the writer starts a new one."""
+        data, self._buffer, self._fill = self._buffer, bytearray(), 0
+        return data
 
     async def _send(self, part: bytearray) -> None:
         """Upload `part` in the background, with up to PARALLEL_PARTS in flight: receiving and
@@ -657,9 +674,8 @@ class S3Writer(FileWriter):
                 Bucket=self._driver.bucket, Key=self._target, UploadId=upload, PartNumber=number, Body=part)
             self._parts.append({"PartNumber": number, "ETag": r["ETag"]})
         finally:
-            sent = min(len(part), self._unsent)
-            self._unsent -= sent
-            self._give(sent)
+            self._unsent -= min(len(part), self._unsent)
+            self._give(min(len(part), self._held))
 
     async def _settle(self, when: str = asyncio.ALL_COMPLETED) -> None:
         """Wait for parts in flight (one, or all); a part that failed fails the writer."""
@@ -673,17 +689,15 @@ class S3Writer(FileWriter):
         """Make what was written an object at the target: the last part, or one PUT."""
         s3 = await self._driver._s3()
         if self._upload is None:
+            data = self._take_partial()
             try:
-                await s3.put_object(Bucket=self._driver.bucket, Key=self._target, Body=self._buffer,
+                await s3.put_object(Bucket=self._driver.bucket, Key=self._target, Body=data,
                                     **self._driver._extra)
             finally:
-                put = min(len(self._buffer), self._unsent)
-                self._unsent -= put
-                self._buffer = bytearray()
+                self._unsent -= min(len(data), self._unsent)
         else:
-            if self._buffer:
-                part, self._buffer = self._buffer, bytearray()
-                await self._send(part)
+            if self._fill:
+                await self._send(self._take_partial())
             await self._settle()
             parts = sorted(self._parts, key=lambda p: p["PartNumber"])
             await s3.complete_multipart_upload(Bucket=self._driver.bucket, Key=self._target,
@@ -765,7 +779,7 @@ class S3Writer(FileWriter):
 
     async def cancel(self) -> None:
         self._done = True
-        self._buffer = bytearray()
+        self._take_partial()
         for task in self._inflight:
             task.cancel()  # each gives its budget back
         await asyncio.gather(*self._inflight, return_exceptions=True)
@@ -787,7 +801,7 @@ class S3Writer(FileWriter):
             return True
         self._done = True
         if self._private:
-            if self._upload is not None or self._buffer:
+            if self._upload is not None or self._fill:
                 await self._publish()  # kept as a temporary: purged if never committed
             return True
         if self._session is not None and not await self._session_there():

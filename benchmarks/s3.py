@@ -1,0 +1,203 @@
+"""The S3 run (`python -m benchmarks --storage s3`): both registries on one Ceph RGW, each under
+its own root directory of one bucket, against the engine's own rates as the limit.
+
+The engine is the project's single-node RGW (tests/s3/start-ceph-rgw.sh), started on free
+loopback ports for the run and stopped by its PIDs, unless `--rgw FILE` names the exports of
+one already running. Deleted objects are reclaimed at once (`radosgw-admin gc process`) so a
+run's pushes do not fill the OSD.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+from botocore.config import Config
+from botocore.session import get_session
+
+from .client import BlockingConnection, HTTPError
+from .scenarios import MIB, BlobFile, _check, push_large
+from .servers import Server, free_port
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "tests" / "s3"
+
+
+class Engine:
+    def __init__(self, exports: Path | None) -> None:
+        self._own: Path | None = None
+        if exports is None:
+            self._own = Path(tempfile.mkdtemp(prefix="bench-rgw-"))
+            env = dict(os.environ, CEPH_INSTALL="0", CEPH_MON_PORT=str(_two_ports()), CEPH_RGW_PORT=str(free_port()),
+                       CEPH_OSD_PORT_MIN=str(random.randrange(20000, 30000, 100)), S3_BUCKET="bench",
+                       CEPH_OSD_SIZE_GB="40")
+            r = subprocess.run([str(SCRIPTS / "start-ceph-rgw.sh"), str(self._own)], env=env,
+                               capture_output=True, text=True, timeout=600)
+            if r.returncode != 0:
+                self.stop()
+                raise RuntimeError(f"Ceph RGW did not start:\n{r.stderr[-3000:]}")
+            text = r.stdout
+        else:
+            text = exports.read_text()
+        self.env = dict(line[len("export "):].split("=", 1) for line in text.splitlines()
+                        if line.startswith("export "))
+        self.bucket = self.env["S3_BUCKET"]
+        self.client = get_session().create_client(
+            "s3", region_name="us-east-1", endpoint_url=self.env["S3_ENDPOINT"],
+            aws_access_key_id=self.env["S3_ACCESS_KEY"], aws_secret_access_key=self.env["S3_SECRET_KEY"],
+            config=Config(s3={"addressing_style": "path", "payload_signing_enabled": False},
+                          request_checksum_calculation="when_required"))
+
+    def stop(self) -> None:
+        if self._own is not None:
+            subprocess.run([str(SCRIPTS / "stop-ceph-rgw.sh"), str(self._own), "--purge"],
+                           capture_output=True, timeout=120)
+            self._own = None
+
+    def storage_yaml(self, root: str, redirect: bool) -> str:
+        return f"""  s3:
+    region: us-east-1
+    regionendpoint: {self.env["S3_ENDPOINT"]}
+    bucket: {self.bucket}
+    accesskey: {self.env["S3_ACCESS_KEY"]}
+    secretkey: {self.env["S3_SECRET_KEY"]}
+    rootdirectory: {root}
+    secure: false
+  redirect: {{disable: {str(not redirect).lower()}}}
+"""
+
+    def empty(self, prefix: str) -> None:
+        """Delete every object under `prefix` and reclaim the space at once."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        for page in pages:
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+        for upload in self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix).get("Uploads", []):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        self.reclaim()
+
+    def reclaim(self) -> None:
+        conf = self.env.get("CEPH_CONF")
+        if conf:
+            subprocess.run(["radosgw-admin", "-c", conf, "gc", "process", "--include-all"],
+                           capture_output=True, timeout=600)
+
+    def rates(self, blob: BlobFile, rounds: int = 3) -> dict:
+        """The engine's own: a 1 GiB object streamed in one PUT, and read back in one GET."""
+        puts, gets = [], []
+        for r in range(rounds):
+            key = f"engine-probe/{r}"
+            with open(blob.path, "rb") as f:
+                start = time.perf_counter()
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=f, ContentLength=blob.size)
+                puts.append(blob.size / MIB / (time.perf_counter() - start))
+            start = time.perf_counter()
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            while body.read(4 * MIB):
+                pass
+            gets.append(blob.size / MIB / (time.perf_counter() - start))
+        self.empty("engine-probe/")
+        return {"engine_put_MiB/s": sorted(puts)[len(puts) // 2], "engine_get_MiB/s": sorted(gets)[len(gets) // 2]}
+
+
+def _two_ports() -> int:
+    """A free port whose successor is free too (the mon takes both)."""
+    import socket
+    while True:
+        port = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+
+
+class OnS3:
+    """Makes a benchmark server store in the engine, under its own root directory."""
+
+    def __init__(self, server: Server, engine: Engine, redirect: bool) -> None:
+        self.server, self.engine = server, engine
+        self.root = f"bench-{server.name}"
+        server.storage_yaml = engine.storage_yaml("/" + self.root, redirect)
+        server.forget_blob = self.forget_blob  # type: ignore[method-assign]
+        engine.empty(self.root + "/")
+
+    def forget_blob(self, digest: str) -> None:
+        alg, hexd = digest.split(":")
+        self.engine.empty(f"{self.root}/docker/registry/v2/blobs/{alg}/{hexd[:2]}/{hexd}/")
+
+
+def pull_via_s3(server: Server, blob: BlobFile, repo: str = "bench/large") -> dict:
+    """One GET of the blob, following a redirect to the engine as clients do (the redirect's
+    round trip counted); `redirected` says which way it came."""
+    conn = BlockingConnection(server.url)
+    try:
+        start = time.perf_counter()
+        r = conn.request("GET", f"/v2/{repo}/blobs/{blob.digest}", discard=True)
+        redirected = r.status in (302, 307)
+        if redirected:
+            target = urlparse(r.headers["location"])
+            engine = BlockingConnection(f"{target.scheme}://{target.netloc}")
+            try:
+                r = engine.request("GET", f"{target.path}?{target.query}", discard=True)
+            finally:
+                engine.close()
+        _check(r, 200)
+        elapsed = time.perf_counter() - start
+    finally:
+        conn.close()
+    if r.received != blob.size:
+        raise HTTPError(f"short read {r.received}")
+    return {"MiB/s": blob.size / MIB / elapsed, "redirected": redirected}
+
+
+def push_concurrent(server: Server, blobs: list[BlobFile]) -> dict:
+    """Every blob pushed at once, docker's way (one streamed PATCH each), to its own repository."""
+    for blob in blobs:
+        server.forget_blob(blob.digest)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(blobs)) as pool:
+        list(pool.map(lambda ib: push_large(server, ib[1], repo=f"bench/c{ib[0]}", forget=False),
+                      enumerate(blobs)))
+    elapsed = time.perf_counter() - start
+    return {"MiB/s": sum(b.size for b in blobs) / MIB / elapsed, "seconds": elapsed}
+
+
+
+def run_suite(h, servers: list[Server], blobs: dict, args, engine: Engine, sizes: list[int]) -> None:  # noqa: ANN001
+    """push_large (streamed, and in chunks), pull_large redirected then proxied, and
+    push_concurrent: what issue 16 asks to be measured, each A/B/B/A like the filesystem run."""
+    rounds = args.rounds
+    chunk = _size(args.chunk)
+    for size in sizes:
+        blob = blobs[size]
+        label = f"{size // MIB}MiB" if size < (1 << 30) else f"{size >> 30}GiB"
+        h.abba(f"s3 push_large[{label}]", servers, lambda s: push_large(s, blob), rounds)
+        h.abba(f"s3 push_large[{label},chunk={args.chunk}]", servers, lambda s: push_large(s, blob, chunk), rounds)
+        h.abba(f"s3 pull_large[{label},redirect]", servers, lambda s: pull_via_s3(s, blob), rounds)
+    for s in servers:  # the same store, served through the registry
+        s.stop()
+        s.storage_yaml = s.storage_yaml.replace("disable: false", "disable: true")
+        s.start()
+    for size in sizes:
+        blob = blobs[size]
+        label = f"{size // MIB}MiB" if size < (1 << 30) else f"{size >> 30}GiB"
+        h.abba(f"s3 pull_large[{label},proxied]", servers, lambda s: pull_via_s3(s, blob), rounds)
+    many = blobs["concurrent"]
+    h.abba(f"s3 push_concurrent[{len(many)}x{many[0].size >> 20}MiB]", servers,
+           lambda s: push_concurrent(s, many), rounds)
+    for s in servers:
+        for b in many:
+            s.forget_blob(b.digest)
+
+
+def _size(text: str) -> int:
+    from .run import parse_size
+    return parse_size(text)
