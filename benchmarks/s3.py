@@ -16,13 +16,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlparse
 
 from botocore.config import Config
 from botocore.session import get_session
 
-from .client import BlockingConnection, HTTPError
-from .scenarios import MIB, BlobFile, _check, push_large
+from .scenarios import MIB, BlobFile, get_blob, push_large
 from .servers import Server, free_port
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "tests" / "s3"
@@ -135,26 +133,9 @@ class OnS3:
 
 
 def pull_via_s3(server: Server, blob: BlobFile, repo: str = "bench/large") -> dict:
-    """One GET of the blob, following a redirect to the engine as clients do (the redirect's
-    round trip counted); `redirected` says which way it came."""
-    conn = BlockingConnection(server.url)
-    try:
-        start = time.perf_counter()
-        r = conn.request("GET", f"/v2/{repo}/blobs/{blob.digest}", discard=True)
-        redirected = r.status in (302, 307)
-        if redirected:
-            target = urlparse(r.headers["location"])
-            engine = BlockingConnection(f"{target.scheme}://{target.netloc}")
-            try:
-                r = engine.request("GET", f"{target.path}?{target.query}", discard=True)
-            finally:
-                engine.close()
-        _check(r, 200)
-        elapsed = time.perf_counter() - start
-    finally:
-        conn.close()
-    if r.received != blob.size:
-        raise HTTPError(f"short read {r.received}")
+    """One GET of the blob, following a redirect to the engine as clients do; `redirected`
+    says which way it came."""
+    elapsed, redirected = get_blob(server, blob, repo, follow_redirect=True)
     return {"MiB/s": blob.size / MIB / elapsed, "redirected": redirected}
 
 

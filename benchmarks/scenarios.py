@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .client import AsyncConnection, BlockingConnection, HTTPError, hammer, location_path, map_file, with_query
 from .servers import Server
@@ -220,22 +221,37 @@ def pull_large(server: Server, blob: BlobFile, repo: str = "bench/large") -> dic
     return {"MiB/s": gets * blob.size / MIB / elapsed}
 
 
-def pull_cold(server: Server, blob: BlobFile, repo: str = "bench/large") -> dict:
-    """One GET of a blob that is on disk only (evicted from the page cache): a layer pulled long
-    after its push, or after a restart. Its limit is a cold read of the very same file, evicted
-    again and read at once after the pull (`disk_MiB/s`: the same blocks, which the disk, or the
-    host of a VM, may hold in its own cache by then): `of_disk_%` is the pull's share of it."""
-    evict(server, blob)
+def get_blob(server: Server, blob: BlobFile, repo: str, follow_redirect: bool = False) -> tuple[float, bool]:
+    """One GET of the blob to nowhere: its time, and whether it was redirected (followed to
+    the target, as clients do, if `follow_redirect`; the redirect's round trip counted)."""
     conn = BlockingConnection(server.url)
     try:
         start = time.perf_counter()
         r = conn.request("GET", f"/v2/{repo}/blobs/{blob.digest}", discard=True)
+        redirected = follow_redirect and r.status in (302, 307)
+        if redirected:
+            target = urlparse(r.headers["location"])
+            other = BlockingConnection(f"{target.scheme}://{target.netloc}")
+            try:
+                r = other.request("GET", f"{target.path}?{target.query}", discard=True)
+            finally:
+                other.close()
         _check(r, 200)
         elapsed = time.perf_counter() - start
     finally:
         conn.close()
     if r.received != blob.size:
         raise HTTPError(f"short read {r.received}")
+    return elapsed, redirected
+
+
+def pull_cold(server: Server, blob: BlobFile, repo: str = "bench/large") -> dict:
+    """One GET of a blob that is on disk only (evicted from the page cache): a layer pulled long
+    after its push, or after a restart. Its limit is a cold read of the very same file, evicted
+    again and read at once after the pull (`disk_MiB/s`: the same blocks, which the disk, or the
+    host of a VM, may hold in its own cache by then): `of_disk_%` is the pull's share of it."""
+    evict(server, blob)
+    elapsed, _ = get_blob(server, blob, repo)
     pulled = blob.size / MIB / elapsed
     disk = cold_read(server.blob_path(blob.digest) / "data")
     return {"MiB/s": pulled, "disk_MiB/s": disk, "of_disk_%": 100 * pulled / disk}
