@@ -388,7 +388,6 @@ class S3Driver(StorageDriver):
                         r = await s3.upload_part(Bucket=self.bucket, Key=dest, UploadId=upload,
                                                  PartNumber=number, Body=data)
                     finally:
-                        data = b""
                         self.buffers.give(need)
                     return {"PartNumber": number, "ETag": r["ETag"]}
             parts = await asyncio.gather(*(run(i + 1, job) for i, job in enumerate(jobs)))
@@ -597,8 +596,8 @@ class S3Writer(FileWriter):
         self._segments, self._private = list(segments), private
         self._start = start
         self.size = start
-        self._buffer = bytearray()  # the part being filled (grown as bytes come: a writer waiting
-        self._fill = 0              # for room holds only what it has, not a whole part)
+        self._buffer = bytearray()  # the part being filled, grown as bytes come (a writer waiting
+                                    # for room holds only what it has, not a whole part)
         self._upload: str | None = None
         self._parts: list[dict] = []
         self._part_size = driver._part
@@ -635,16 +634,14 @@ class S3Writer(FileWriter):
         for chunk in chunks:
             view = memoryview(chunk)
             while view:
-                n = min(self._part_size - self._fill, len(view))
+                n = min(self._part_size - len(self._buffer), len(view))
                 if self.size + n > self._admitted:  # not from the pipeline, which admits first
                     await self.admit(self.size + n - self._admitted)
                 self._buffer += view[:n]
-                self._fill += n
                 self.size += n
                 view = view[n:]
-                if self._fill == self._part_size:
-                    part, self._buffer, self._fill = self._buffer, bytearray(), 0
-                    await self._send(part)
+                if len(self._buffer) == self._part_size:
+                    await self._send(self._take_partial())
                     if self._numbered % PARTS_PER_SEGMENT == 0:
                         if self._private:
                             self._part_size *= 2  # one upload: its parts grow (private objects are small)
@@ -653,7 +650,7 @@ class S3Writer(FileWriter):
 
     def _take_partial(self) -> bytearray:
         """What the part being filled holds; the writer starts a new one."""
-        data, self._buffer, self._fill = self._buffer, bytearray(), 0
+        data, self._buffer = self._buffer, bytearray()
         return data
 
     async def _send(self, part: bytearray) -> None:
@@ -696,7 +693,7 @@ class S3Writer(FileWriter):
             finally:
                 self._unsent -= min(len(data), self._unsent)
         else:
-            if self._fill:
+            if self._buffer:
                 await self._send(self._take_partial())
             await self._settle()
             parts = sorted(self._parts, key=lambda p: p["PartNumber"])
@@ -718,8 +715,7 @@ class S3Writer(FileWriter):
     async def _next_segment(self, grow: bool) -> None:
         """Publish the segment written so far and continue in a new one at the current size."""
         if self.size > self._start:
-            if self._session is not None and not await self._session_there():
-                await self.cancel()  # no segment resurrects a removed upload
+            if not await self._keepable():
                 raise CommitMismatch(f"{self._key}: its upload was removed while being written")
             await self._publish()
             self._segments.append((self._start, self.size - self._start, self._target))
@@ -801,15 +797,22 @@ class S3Writer(FileWriter):
             return True
         self._done = True
         if self._private:
-            if self._upload is not None or self._fill:
+            if self._upload is not None or self._buffer:
                 await self._publish()  # kept as a temporary: purged if never committed
             return True
-        if self._session is not None and not await self._session_there():
-            await self.cancel()  # no segment resurrects a removed upload
+        if not await self._keepable():
             return False
         if self.size > self._start:
             await self._publish()  # the segment becomes part of the object
         return True
+
+    async def _keepable(self) -> bool:
+        """Whether the upload this writer appends to is still there; if not, the writer is
+        cancelled (no segment resurrects a removed upload)."""
+        if self._session is None or await self._session_there():
+            return True
+        await self.cancel()
+        return False
 
     async def _session_there(self) -> bool:
         try:
