@@ -469,3 +469,40 @@ async def test_segments_of_every_size_assemble_reading_only_small_runs(rgw):
         assert reads and max(reads) < 10 << 20
     finally:
         await driver.close()
+
+
+async def test_a_failed_part_is_never_published_as_a_segment_with_a_hole(rgw):
+    """S3 completes a multipart upload whatever part numbers are missing: a segment completed
+    after one of its parts failed would hold the bytes after it shifted, under an offset that
+    says otherwise. A writer whose part failed aborts its segment instead: the upload's size
+    stays what was durable before, and the upload continues from there."""
+    driver = _driver(rgw, "failedpart")
+    try:
+        await driver.put_content("/up/startedat", b"x")
+        client = await driver._s3()
+        upload_part = client.upload_part
+        calls = 0
+
+        async def failing(**kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise OSError("connection reset by the engine")
+            return await upload_part(**kw)
+        client.upload_part = failing
+        writer = await driver.append("/up/data")
+        blob = os.urandom(64 << 20)  # more parts than go at once: the failure meets a write
+        with pytest.raises(OSError):
+            for start in range(0, len(blob), 1 << 20):
+                await writer.write([blob[start:start + (1 << 20)]])
+            await writer.close()
+        await writer.close()
+        assert await driver._segments(driver._key("/up/data")) == []  # nothing with a hole was published
+        assert driver.buffers.used == 0
+        client.upload_part = upload_part
+        writer = await driver.append("/up/data")
+        await writer.write([blob])
+        await writer.commit("/blob", len(blob))
+        assert await driver.get_content("/blob") == blob
+    finally:
+        await driver.close()

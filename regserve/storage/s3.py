@@ -670,6 +670,12 @@ class S3Writer(FileWriter):
             r = await (await self._driver._s3()).upload_part(
                 Bucket=self._driver.bucket, Key=self._target, UploadId=upload, PartNumber=number, Body=part)
             self._parts.append({"PartNumber": number, "ETag": r["ETag"]})
+        except BaseException as e:
+            # Completing the upload now would publish the segment with this part's bytes
+            # missing and those after them shifted (S3 accepts gaps in part numbers): the
+            # writer is broken, and its segment is aborted rather than published.
+            self._error = self._error or e
+            raise
         finally:
             self._unsent -= min(len(part), self._unsent)
             self._give(min(len(part), self._held))
@@ -796,6 +802,9 @@ class S3Writer(FileWriter):
         if self._done:
             return True
         self._done = True
+        if self._error is not None:  # a part or a segment's end failed: what it holds is not kept
+            await self.cancel()
+            return True
         if self._private:
             if self._upload is not None or self._buffer:
                 await self._publish()  # kept as a temporary: purged if never committed
