@@ -18,7 +18,11 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP)
+$(VENV)/.bench: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(VENV)/bin/python -m benchmarks $(BENCH_ARGS)
 
 clean:

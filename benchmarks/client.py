@@ -52,13 +52,13 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
 class BlockingConnection:
     """One keep-alive connection used from one thread."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, recv_buf: int = RECV_BUF) -> None:
         u = urlparse(base)
         self.host, self.port, self.netloc = u.hostname, u.port, u.netloc
         self.sock = socket.create_connection((self.host, self.port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pending = b""
-        self.buf = memoryview(bytearray(RECV_BUF))
+        self.buf = memoryview(bytearray(recv_buf))
 
     def close(self) -> None:
         self.sock.close()
@@ -150,7 +150,7 @@ class BlockingConnection:
         got = min(len(rest), length)
         self.pending = rest[length:] if len(rest) > length else b""
         while got < length:
-            n = self.sock.recv_into(self.buf, min(RECV_BUF, length - got))
+            n = self.sock.recv_into(self.buf, min(len(self.buf), length - got))
             if not n:
                 raise HTTPError("connection closed")
             got += n

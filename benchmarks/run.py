@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from . import chart
 from . import scenarios as sc
 from .client import FRAME
 from .nullserver import raw_sink
@@ -32,7 +34,8 @@ from .servers import Distribution, NullServer, Regserve, Server
 HERE = Path(__file__).resolve().parent
 # For each figure: True when higher is better. Ratios are always regserve / reference.
 HIGHER_IS_BETTER = {"MiB/s": True, "blobs/s": True, "req/s": True, "p50_ms": False, "p99_ms": False,
-                    "seconds": False, "cpu_%": False, "peak_rss_MiB": False, "kept_MiB": True}
+                    "seconds": False, "cpu_%": False, "peak_rss_MiB": False, "kept_MiB": True,
+                    "cpu_s_per_GiB": False, "client_cpu_%": False, "rss_growth_MiB": False, "p99_s": False}
 
 
 def parse_size(text: str) -> int:
@@ -154,7 +157,8 @@ def machine(workdir: Path, probe_file: Path) -> dict:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_GiB": round(mem, 1),
             "kernel": platform.release(), "python": platform.python_version(),
-            "sha256_single_core_MiB/s": round(sha256_rate()),
+            "sha256_single_core_MiB/s": round(sha := sha256_rate()),
+            "sha256_floor_cpu_s_per_GiB": round(1024 / sha, 2),
             **{k: round(v) for k, v in disk_rates(workdir).items()},
             **{k: round(v) for k, v in loopback_rates(probe_file).items()}}
 
@@ -166,14 +170,25 @@ class Harness:
         self.work.mkdir(parents=True, exist_ok=True)
         self.records: list[dict] = []
         self.out = open(self.work / "results.jsonl", "w")
+        self.started = time.monotonic()
+        self.tty = sys.stderr.isatty()
 
     def measure(self, scenario: str, server: Server, fn: Callable[[], dict], round_: int) -> dict:
+        """Runs `fn` and adds around it: the server's CPU (all its processes) as a share of the
+        wall time and, where `fn` says how many GiB it moved, in CPU-seconds per GiB; the
+        client's own CPU (this process: the reader can see it is not the limit); peak RSS."""
+        self.progress(f"{scenario} on {server.name}, round {round_ + 1}")
         os.sync()  # the previous run's writeback must not land in this one's measurement
         server.reset_peak_rss()
-        cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+        cpu0, client0, t0 = server.cpu_seconds(), _own_cpu(), time.perf_counter()
         figures = fn()
         wall = time.perf_counter() - t0
-        figures["cpu_%"] = 100 * (server.cpu_seconds() - cpu0) / wall
+        cpu = server.cpu_seconds() - cpu0
+        figures["cpu_%"] = 100 * cpu / wall
+        gib = figures.pop("GiB", None)
+        if gib:
+            figures["cpu_s_per_GiB"] = cpu / gib
+        figures["client_cpu_%"] = 100 * (_own_cpu() - client0) / wall
         figures["peak_rss_MiB"] = server.peak_rss_mib()
         return self.record(scenario, server.name, round_, figures)
 
@@ -183,7 +198,19 @@ class Harness:
         self.out.write(json.dumps(rec) + "\n")
         self.out.flush()
         print(json.dumps(rec), flush=True)
+        main = next(((k, v) for k, v in figures.items() if isinstance(v, float)), None)
+        self.progress(f"{scenario} on {server}, round {round_ + 1}"
+                      + (f": {fmt(main[1])} {main[0]}" if main else ""), done=True)
         return rec
+
+    def progress(self, text: str, done: bool = False) -> None:
+        """One line on the terminal: what runs now, or what just finished; with the count of
+        measurements made and the time since the start."""
+        elapsed = int(time.monotonic() - self.started)
+        line = f"[{len(self.records):3d} done, {elapsed // 60:2d}m{elapsed % 60:02d}s] {text}"
+        if self.tty:  # stdout has the JSON lines, maybe redirected
+            sys.stderr.write("\r\033[K" + line + ("\n" if done else ""))
+            sys.stderr.flush()
 
     def abba(self, scenario: str, servers: list[Server], fn: Callable[[Server], dict],
              rounds: int, warmup: bool = False) -> None:
@@ -195,6 +222,12 @@ class Harness:
             order = servers if r % 2 == 0 else list(reversed(servers))
             for s in order:
                 self.measure(scenario, s, lambda s=s: fn(s), r)
+
+
+def _own_cpu() -> float:
+    """CPU-seconds this process (the client, all its threads) has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def summarise(records: list[dict], names: tuple[str, str]) -> list[dict]:
@@ -245,6 +278,14 @@ def table(summaries: list[dict], names: tuple[str, str]) -> str:
     return "\n".join(lines)
 
 
+def concurrency(args: argparse.Namespace) -> list[int]:
+    """The push_concurrent counts (--concurrent)."""
+    return [int(x) for x in args.concurrent.split(",")]
+
+
+DISTINCT_PUSHES = 4  # push_concurrent's distinct blobs on a filesystem (more pushes repeat them)
+
+
 def run_suite(h: Harness, servers: list[Server], blobs: dict, args: argparse.Namespace) -> None:
     rounds = args.rounds
     sizes = [parse_size(x) for x in args.sizes.split(",")]
@@ -254,9 +295,13 @@ def run_suite(h: Harness, servers: list[Server], blobs: dict, args: argparse.Nam
     def want(name: str) -> bool:
         return wanted is None or name in wanted or name.split("[")[0] in wanted
 
+    if want("idle_connections"):  # first: the servers' memory is not yet what other scenarios left
+        h.abba(f"idle_connections[{args.idle_connections}]", servers,
+               lambda s: sc.idle_connections(s, args.idle_connections), rounds)
+
     for size in sizes:
         blob = blobs[size]
-        label = f"{size // MIB}MiB" if size < (1 << 30) else f"{size >> 30}GiB"
+        label = sc.label_of(size)
         if want("push_large"):
             h.abba(f"push_large[{label}]", servers, lambda s: sc.push_large(s, blob), rounds, warmup=True)
             h.abba(f"push_large[{label},frame={args.frame}]", servers,
@@ -277,12 +322,21 @@ def run_suite(h: Harness, servers: list[Server], blobs: dict, args: argparse.Nam
                 h.abba(f"pull_after_push[{label},{clients} client{'s' if clients > 1 else ''}{when}]", servers,
                        lambda s, c=clients, w=later: sc.pull_after_push(s, blob, c, later=w), rounds)
     mid = blobs["mid"]
-    if want("pull_concurrent") or want("range_get"):
+    if want("pull_concurrent") or want("range_get") or want("pull_fanout"):
         for s in servers:
             sc.push_large(s, mid, repo="bench/mid")
     if want("pull_concurrent"):
         h.abba(f"pull_concurrent[{args.clients}x{mid.size // MIB}MiB]", servers,
                lambda s: sc.pull_concurrent(s, mid, args.clients), rounds)
+    if want("push_concurrent"):
+        many = blobs["concurrent"]
+        for n in concurrency(args):
+            batch = [many[i % len(many)] for i in range(n)]
+            h.abba(f"push_concurrent[{n}x{sc.label_of(many[0].size)}]", servers,
+                   lambda s, b=batch: sc.push_concurrent(s, b), rounds)
+    if want("pull_fanout"):
+        h.abba(f"pull_fanout[{args.fanout_clients}x{sc.label_of(mid.size)}]", servers,
+               lambda s: sc.pull_fanout(s, mid, args.fanout_clients), rounds)
     if want("push_many_small"):
         counter = {"i": 0}
 
@@ -317,8 +371,47 @@ def revision(checkout: Path) -> str:
     return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def _median(summaries: list[dict], scenario: str, figure: str, name: str) -> float | None:
+    for s in summaries:
+        if s["scenario"] == scenario:
+            return s.get(figure, {}).get(name, {}).get("median")
+    return None
+
+
+def cpu_section(summaries: list[dict], names: tuple[str, str], floor: float) -> str:
+    """Server CPU-seconds per GiB of every push scenario, beside SHA-256's own cost."""
+    def cell(per: dict) -> str:
+        return fmt(per["median"]) if per else "–"
+
+    rows = [f"| {s['scenario']} | {cell(s['cpu_s_per_GiB'].get(names[0]))} | "
+            f"{cell(s['cpu_s_per_GiB'].get(names[1]))} |" for s in summaries if "cpu_s_per_GiB" in s]
+    if not rows:
+        return "(no push scenario run)"
+    return (f"The floor: hashing alone costs {floor:.2f} CPU-s/GiB (the single-core SHA-256 rate above). "
+            f"All the server's processes are counted.\n\n| scenario | {names[0]} | {names[1]} |\n"
+            "| --- | --- | --- |\n" + "\n".join(rows))
+
+
+def scaling_section(summaries: list[dict], names: tuple[str, str]) -> str:
+    """Aggregate push throughput at each concurrency, as a multiple of one push of the same size."""
+    lines = []
+    for s in summaries:
+        if not s["scenario"].startswith("push_concurrent["):
+            continue
+        size = s["scenario"].split("x", 1)[1].rstrip("]")
+        cells = []
+        for n in names:
+            single = _median(summaries, f"push_large[{size}]", "MiB/s", n)
+            many = s["MiB/s"].get(n, {}).get("median")
+            cells.append(f"{fmt(many)} MiB/s = {many / single:.2f}× one push" if single and many else "–")
+        lines.append(f"| {s['scenario']} | {cells[0]} | {cells[1]} |")
+    if not lines:
+        return "(push_concurrent not run)"
+    return f"| scenario | {names[0]} | {names[1]} |\n| --- | --- | --- |\n" + "\n".join(lines)
+
+
 def write_results(path: Path, info: dict, summaries: list[dict], names: tuple[str, str],
-                  args: argparse.Namespace, ref_version: str, regserve_at: str) -> None:
+                  args: argparse.Namespace, ref_version: str, regserve_at: str, picture: str | None = None) -> None:
     sha = info["sha256_single_core_MiB/s"]
     pushes = [s for s in summaries if "push_large[" in s["scenario"] and "chunk" not in s["scenario"]]
     share = "\n".join(f"- {s['scenario']}: regserve {fmt(s['MiB/s'][names[0]]['median'])} MiB/s = "
@@ -326,13 +419,15 @@ def write_results(path: Path, info: dict, summaries: list[dict], names: tuple[st
                       for s in pushes if names[0] in s.get("MiB/s", {}))
     command = " ".join(["python -m benchmarks"] + sys.argv[1:])
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    chart_line = f"\n![throughput against layer size and concurrency]({picture})\n" if picture else ""
     text = f"""# Benchmark results
 
 Generated by `{command}` on {when}.
 regserve at {regserve_at} ({args.workers} worker{'s' if args.workers != 1 else ''}) against {ref_version}, same client,
 same disk, no auth, access log off; rounds alternate A/B/B/A ({args.rounds} samples per server and
 scenario). Ratios are regserve / reference of the medians (for latency, CPU and RSS lower is better).
-
+`client_cpu_%` is the load generator's own CPU, so a reader can see it is not the limit.
+{chart_line}
 ## Machine
 
 | | |
@@ -343,6 +438,14 @@ scenario). Ratios are regserve / reference of the medians (for latency, CPU and 
 
 {table(summaries, names)}
 
+## CPU per GiB pushed
+
+{cpu_section(summaries, names, 1024 / sha)}
+
+## Concurrent pushes
+
+{scaling_section(summaries, names)}
+
 ## Hashing budget
 
 {share or '(push_large not run)'}
@@ -350,7 +453,7 @@ scenario). Ratios are regserve / reference of the medians (for latency, CPU and 
     path.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="256M,1G", help="push_large/pull_large sizes, e.g. 256M,1G,4G")
@@ -374,7 +477,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="s3: both registries on a single-node Ceph RGW the run starts (benchmarks/s3.py)")
     p.add_argument("--rgw", type=Path, default=None,
                    help="with --storage s3: the exports of a running RGW (tests/s3/start-ceph-rgw.sh)")
-    p.add_argument("--concurrent", type=int, default=8, help="with --storage s3: pushes of 1 GiB at once")
+    p.add_argument("--concurrent", default=None,
+                   help="push_concurrent: counts of 1 GiB pushes at once (default 4,16; with --storage s3: 8)")
+    p.add_argument("--fanout-clients", type=int, default=500, help="pull_fanout: clients pulling --mid-size at once")
+    p.add_argument("--idle-connections", type=int, default=2000, help="idle_connections: keep-alive connections")
     p.add_argument("--workdir", default=str(HERE / "work"))
     p.add_argument("--results", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)
@@ -383,17 +489,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.mid_size, args.chunk, args.frame = "64M", "32M", "8M", "4M"
         args.small_count, args.manifest_count, args.range_count, args.rounds = 200, 2000, 100, 2
+        args.fanout_clients, args.idle_connections = 50, 200
+        args.concurrent = args.concurrent or "2,4"
+    args.concurrent = args.concurrent or ("8" if args.storage == "s3" else "4,16")
     if args.storage == "s3" and args.results == str(HERE / "RESULTS.md"):
         args.results = str(HERE / "RESULTS-s3.md")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     h = Harness(args)
     sizes = [parse_size(x) for x in args.sizes.split(",")]
     blob_dir = h.work / "blobs"
     wanted = {**{s: (f"large-{s}.bin", s) for s in sizes}, "mid": ("mid.bin", parse_size(args.mid_size))}
     concurrent_size = (64 << 20) if args.quick else (1 << 30)
-    if args.storage == "s3":
-        wanted.update({f"c{i}": (f"concurrent-{i}-{concurrent_size}.bin", concurrent_size)
-                       for i in range(args.concurrent)})
+    distinct = max(concurrency(args))
+    if args.storage != "s3":
+        distinct = min(DISTINCT_PUSHES, distinct)
+    wanted.update({f"c{i}": (f"concurrent-{i}-{concurrent_size}.bin", concurrent_size) for i in range(distinct)})
     if args.calibrate:
         servers: list[Server] = [NullServer(h.work / "null", blob_dir / wanted[sizes[0]][0])]
         stores = []  # it keeps nothing
@@ -405,9 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     blobs: dict = {key: BlobFile.create(blob_dir / name, size) for key, (name, size) in wanted.items()}
     info = machine(h.work, blobs["mid"].path)
     engine = None
+    blobs["concurrent"] = [blobs.pop(f"c{i}") for i in range(distinct)]
     if args.storage == "s3":
         from . import s3
-        blobs["concurrent"] = [blobs.pop(f"c{i}") for i in range(args.concurrent)]
         engine = s3.Engine(args.rgw)
         info.update({k: round(v) for k, v in engine.rates(blobs[sizes[-1]]).items()})
         for server in servers:
@@ -453,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in summaries:
         print(json.dumps({"summary": s}), flush=True)
     print(table(summaries, names))
+    picture = Path(args.results).with_suffix(".png")
+    drawn = chart.draw(summaries, names, picture)
     write_results(Path(args.results), info, summaries, names, args, servers[1].version(),
-                  revision(servers[0].source))
+                  revision(servers[0].source), picture.name if drawn else None)
     return 0

@@ -14,13 +14,12 @@ import random
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from botocore.config import Config
 from botocore.session import get_session
 
-from .scenarios import MIB, BlobFile, get_blob, push_large
+from .scenarios import MIB, BlobFile, get_blob, label_of, push_concurrent, push_large
 from .servers import Server, free_port
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "tests" / "s3"
@@ -139,19 +138,6 @@ def pull_via_s3(server: Server, blob: BlobFile, repo: str = "bench/large") -> di
     return {"MiB/s": blob.size / MIB / elapsed, "redirected": redirected}
 
 
-def push_concurrent(server: Server, blobs: list[BlobFile]) -> dict:
-    """Every blob pushed at once, docker's way (one streamed PATCH each), to its own repository."""
-    for blob in blobs:
-        server.forget_blob(blob.digest)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(len(blobs)) as pool:
-        list(pool.map(lambda ib: push_large(server, ib[1], repo=f"bench/c{ib[0]}", forget=False),
-                      enumerate(blobs)))
-    elapsed = time.perf_counter() - start
-    return {"MiB/s": sum(b.size for b in blobs) / MIB / elapsed, "seconds": elapsed}
-
-
-
 def run_suite(h, servers: list[Server], blobs: dict, args, engine: Engine, sizes: list[int]) -> None:  # noqa: ANN001
     """push_large (streamed, and in chunks), pull_large redirected then proxied, and
     push_concurrent: what issue 16 asks to be measured, each A/B/B/A like the filesystem run."""
@@ -159,7 +145,7 @@ def run_suite(h, servers: list[Server], blobs: dict, args, engine: Engine, sizes
     chunk = _size(args.chunk)
     for size in sizes:
         blob = blobs[size]
-        label = f"{size // MIB}MiB" if size < (1 << 30) else f"{size >> 30}GiB"
+        label = label_of(size)
         h.abba(f"s3 push_large[{label}]", servers, lambda s: push_large(s, blob), rounds)
         h.abba(f"s3 push_large[{label},chunk={args.chunk}]", servers, lambda s: push_large(s, blob, chunk), rounds)
         h.abba(f"s3 pull_large[{label},redirect]", servers, lambda s: pull_via_s3(s, blob), rounds)
@@ -169,7 +155,7 @@ def run_suite(h, servers: list[Server], blobs: dict, args, engine: Engine, sizes
         s.start()
     for size in sizes:
         blob = blobs[size]
-        label = f"{size // MIB}MiB" if size < (1 << 30) else f"{size >> 30}GiB"
+        label = label_of(size)
         h.abba(f"s3 pull_large[{label},proxied]", servers, lambda s: pull_via_s3(s, blob), rounds)
     many = blobs["concurrent"]
     h.abba(f"s3 push_concurrent[{len(many)}x{many[0].size >> 20}MiB]", servers,

@@ -9,16 +9,27 @@ import json
 import os
 import random
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .client import AsyncConnection, BlockingConnection, HTTPError, hammer, location_path, map_file, with_query
+from .client import (
+    AsyncConnection,
+    BlockingConnection,
+    HTTPError,
+    Latencies,
+    hammer,
+    location_path,
+    map_file,
+    with_query,
+)
 from .servers import Server
 
 MIB = 1 << 20
+GIB = 1 << 30
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
@@ -54,6 +65,10 @@ class BlobFile:
         digest = f"sha256:{h.hexdigest()}"
         sidecar.write_text(digest)
         return cls(path, size, digest)
+
+
+def label_of(size: int) -> str:
+    return f"{size // MIB}MiB" if size < GIB else f"{size // GIB}GiB"
 
 
 def _check(resp, *expected: int) -> None:
@@ -97,7 +112,22 @@ def push_large(server: Server, blob: BlobFile, chunk: int | None = None, repo: s
     finally:
         os.close(fd)
         conn.close()
-    return {"MiB/s": blob.size / MIB / elapsed, "seconds": elapsed}
+    return {"MiB/s": blob.size / MIB / elapsed, "seconds": elapsed, "GiB": blob.size / GIB}
+
+
+def push_concurrent(server: Server, blobs: list[BlobFile]) -> dict:
+    """Every blob pushed at once, docker's way (one streamed PATCH each), each to a repository
+    of its own. A blob listed twice is pushed twice at once (two CI jobs pushing the same
+    layer): each push is received and hashed whole, only the commit finds it there."""
+    for blob in blobs:
+        server.forget_blob(blob.digest)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(blobs)) as pool:
+        list(pool.map(lambda ib: push_large(server, ib[1], repo=f"bench/c{ib[0]}", forget=False),
+                      enumerate(blobs)))
+    elapsed = time.perf_counter() - start
+    total = sum(b.size for b in blobs)
+    return {"MiB/s": total / MIB / elapsed, "seconds": elapsed, "GiB": total / GIB}
 
 
 def push_stream(url: str, blob: BlobFile, frame: int = 0) -> dict:
@@ -293,6 +323,98 @@ def _pull_at_once(server: Server, blob: BlobFile, clients: int, repo: str) -> fl
     if total != blob.size * clients:
         raise HTTPError("short reads")
     return elapsed
+
+
+FANOUT_RECV_BUF = 256 << 10  # per client: 500 clients with the usual 4 MiB would hold 2 GiB
+
+
+def pull_fanout(server: Server, blob: BlobFile, clients: int, repo: str = "bench/mid") -> dict:
+    """A cluster pulling one layer: `clients` connections opened first, then all GET the blob at
+    once. Aggregate rate, the time to last byte (p50, p99, max) from the common start, and the
+    aggregate as a share of one client pulling the same blob alone just before (`of_one_%`)."""
+    warm(server, blob)
+    one, _ = get_blob(server, blob, repo)
+    conns = [BlockingConnection(server.url, FANOUT_RECV_BUF) for _ in range(clients)]
+    go = threading.Event()
+    start = 0.0
+
+    def pull(conn: BlockingConnection) -> float:
+        go.wait()
+        r = conn.request("GET", f"/v2/{repo}/blobs/{blob.digest}", discard=True)
+        _check(r, 200)
+        if r.received != blob.size:
+            raise HTTPError(f"short read {r.received}")
+        return time.perf_counter() - start
+
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            futures = [pool.submit(pull, c) for c in conns]
+            time.sleep(0.2)  # every thread waiting at the start line
+            start = time.perf_counter()
+            go.set()
+            done = Latencies()
+            for f in futures:
+                done.add(f.result())
+    finally:
+        for c in conns:
+            c.close()
+    last = done.pct(1.0)
+    aggregate = clients * blob.size / MIB / last
+    return {"MiB/s": aggregate, "one_client_MiB/s": blob.size / MIB / one,
+            "of_one_%": 100 * aggregate * one / (blob.size / MIB), "p50_s": done.pct(0.5),
+            "p99_s": done.pct(0.99), "last_s": last}
+
+
+def idle_connections(server: Server, count: int) -> dict:
+    """What `count` idle keep-alive connections cost the server: each makes one request
+    (GET /v2/) and then stays open, sending nothing. Resident memory of all the server's
+    processes before and after (`rss_growth_MiB`, and per connection); how many are still open
+    2 s later; and the latency of a request on a new connection meanwhile."""
+    url = urlparse(server.url)
+    request = f"GET /v2/ HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode()
+    before = server.rss_total_mib()
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            conn = socket.create_connection((url.hostname, url.port))
+            conns.append(conn)
+            conn.sendall(request)
+            head = b""
+            while b"\r\n\r\n" not in head:  # the answer's head; its 2-byte body may follow
+                chunk = conn.recv(65536)
+                if not chunk:
+                    raise HTTPError("connection closed")
+                head += chunk
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise HTTPError(f"GET /v2/ answered {head[:40]!r}")
+        time.sleep(2.0)
+        after = server.rss_total_mib()
+        open_ = sum(_still_open(c) for c in conns)
+        start = time.perf_counter()
+        probe = BlockingConnection(server.url, 64 << 10)
+        try:
+            _check(probe.request("GET", "/v2/"), 200)
+        finally:
+            probe.close()
+        latency = time.perf_counter() - start
+    finally:
+        for c in conns:
+            c.close()
+    growth = after - before
+    return {"rss_total_MiB": after, "rss_growth_MiB": growth, "KiB_per_connection": growth * 1024 / count,
+            "open_after_2s": open_, "new_request_ms": latency * 1000}
+
+
+def _still_open(conn: socket.socket) -> bool:
+    """Whether the server has kept the connection open (what it sent since is read and dropped)."""
+    while True:
+        try:
+            if not conn.recv(65536, socket.MSG_DONTWAIT):
+                return False  # closed by the server
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
 
 
 def range_get(server: Server, blob: BlobFile, count: int, concurrency: int, repo: str = "bench/mid") -> dict:

@@ -123,6 +123,17 @@ class Server:
                 continue
         return peak / 1024
 
+    def rss_total_mib(self) -> float:
+        """Resident memory now, all the server's processes together."""
+        total = 0
+        for pid in _tree(self.proc.pid):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            except OSError:
+                continue
+        return total / 1024
+
     def write_config(self) -> Path:
         """The settings both registries run with: same storage, no auth, no access log."""
         cfg = self.workdir / "config.yml"

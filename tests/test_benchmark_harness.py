@@ -34,8 +34,52 @@ def test_scenarios_run_against_regserve(tmp_path: Path):
         cut = sc.resume(srv, big, cut=True)
         assert cut["works"] is True and cut["kept_MiB"] > 0
         assert srv.peak_rss_mib() > 0 and srv.cpu_seconds() > 0
+        twice = sc.push_concurrent(srv, [big, odd, big])  # the same blob twice at once, too
+        assert twice["GiB"] == (2 * big.size + odd.size) / (1 << 30) and twice["MiB/s"] > 0
+        fanout = sc.pull_fanout(srv, big, 20)
+        assert fanout["MiB/s"] > 0 and 0 < fanout["p50_s"] <= fanout["p99_s"] <= fanout["last_s"]
+        idle = sc.idle_connections(srv, 50)
+        assert idle["open_after_2s"] == 50 and idle["rss_total_MiB"] > 0
     finally:
         srv.stop()
+
+
+def test_measure_adds_cpu_per_gib_and_the_clients_cpu(tmp_path: Path):
+    from benchmarks.run import Harness, concurrency, parse_args
+    h = Harness(parse_args(["--workdir", str(tmp_path)]))
+    srv = Regserve(tmp_path / "rs", workers=1)
+    srv.workdir.mkdir(parents=True)
+    srv.start()
+    try:
+        big = sc.BlobFile.create(tmp_path / "big.bin", 32 << 20)
+        rec = h.measure("push_large[32MiB]", srv, lambda: sc.push_large(srv, big), 0)
+    finally:
+        srv.stop()
+    assert "GiB" not in rec and rec["cpu_s_per_GiB"] > 0 and rec["client_cpu_%"] >= 0
+    assert concurrency(parse_args(["--concurrent", "4,16"])) == [4, 16]
+
+
+def test_chart_series_and_sections():
+    from benchmarks.chart import series
+    from benchmarks.run import cpu_section, scaling_section
+
+    def summary(scenario: str, **figures: tuple[float, float]) -> dict:
+        return {"scenario": scenario, **{f.replace("__", "/"): {"a": {"median": a}, "b": {"median": b}}
+                                         for f, (a, b) in figures.items()}}
+
+    summaries = [summary("push_large[256MiB]", MiB__s=(1000, 300), cpu_s_per_GiB=(1.0, 2.0)),
+                 summary("push_large[1GiB]", MiB__s=(1200, 400), cpu_s_per_GiB=(1.1, 2.1)),
+                 summary("pull_large[1GiB,warm]", MiB__s=(4000, 3000)),
+                 summary("push_concurrent[4x1GiB]", MiB__s=(2400, 600), cpu_s_per_GiB=(1.2, 2.2)),
+                 summary("pull_fanout[500x256MiB]", MiB__s=(3000, 2000), one_client_MiB__s=(3100, 2500))]
+    panels = series(summaries, ("a", "b"))
+    assert panels["size"]["push, a"] == [(256, 1000), (1024, 1200)]
+    assert panels["size"]["pull (warm), b"] == [(1024, 3000)]
+    assert panels["concurrency"]["push 1GiB, a"] == [(1, 1200), (4, 2400)]
+    assert panels["concurrency"]["pull 256MiB, b"] == [(1, 2500), (500, 2000)]
+    assert "2.00× one push" in scaling_section(summaries, ("a", "b"))
+    cpu = cpu_section(summaries, ("a", "b"), 0.5)
+    assert "0.50 CPU-s/GiB" in cpu and "| push_concurrent[4x1GiB] | 1.20 | 2.20 |" in cpu
 
 
 def test_report_helpers():
