@@ -12,6 +12,7 @@ import pytest
 from regserve import hashstate
 from regserve.registry import uploads
 from regserve.storage import directio
+from regserve.storage.budget import ByteBudget
 from regserve.storage.filesystem import FilesystemDriver
 
 BATCH = uploads.BATCH_BYTES
@@ -146,25 +147,42 @@ async def test_a_write_failing_mid_stream_ends_it_with_that_error(tmp_path, monk
     assert on_disk == data[:len(on_disk)]
 
 
+class _BufferCount:
+    """Buffers of the process's staging pool out with uploads now, and at most: patched in for
+    directio's _buffer and _give_back."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.out = self.peak = 0
+        self._take, self._back = directio._buffer, directio._give_back
+        monkeypatch.setattr(directio, "_buffer", self.take)
+        monkeypatch.setattr(directio, "_give_back", self.give_back)
+
+    def take(self):
+        self.out += 1
+        self.peak = max(self.peak, self.out)
+        return self._take()
+
+    def give_back(self, buf) -> None:
+        self.out -= 1
+        self._back(buf)
+
+
 async def test_a_slow_disk_holds_the_stream_to_its_buffers(tmp_path, monkeypatch):
     """The event loop stages as data arrives, and never waits for a buffer: the pipeline keeps
     few enough bytes unwritten that a written buffer is always there when one is needed. With a
-    disk far slower than the body, a 96 MiB stream uses exactly BUFFERS buffers, in turn."""
+    disk far slower than the body, a 96 MiB stream holds the buffers of the 20 MiB it may keep
+    unwritten, and one or two more, at most; all go back at the end."""
     driver = FilesystemDriver(str(tmp_path))
     (tmp_path / "upload").mkdir()
     writer = await driver.append("/upload/data")
-    real_writev, real_buffer = os.writev, directio._buffer
-    taken = []
+    real_writev = os.writev
+    buffers = _BufferCount(monkeypatch)
 
     def slow_writev(fd: int, buffers) -> int:
         time.sleep(0.01)
         return real_writev(fd, buffers)
 
-    def counted_buffer():
-        taken.append(1)
-        return real_buffer()
     monkeypatch.setattr(directio.os, "writev", slow_writev)
-    monkeypatch.setattr(directio, "_buffer", counted_buffer)
     data = os.urandom(96 << 20)
 
     async def body():
@@ -174,6 +192,51 @@ async def test_a_slow_disk_holds_the_stream_to_its_buffers(tmp_path, monkeypatch
     hasher = hashstate.Hasher("sha256")
     await uploads.stream_into(writer, [hasher], body())
     await writer.close()
-    assert len(taken) == directio.BUFFERS
+    assert 4 < buffers.peak <= uploads.IN_FLIGHT_BYTES // directio.BUFFER + 2
+    assert buffers.out == 0
     assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()
     assert (tmp_path / "upload/data").read_bytes() == data
+    assert driver.staging.used == 0
+
+
+async def test_concurrent_streams_share_the_staging_budget(tmp_path, monkeypatch):
+    """Many pushes at once on one process: the bytes they hold staged and not yet written stay
+    within the driver's budget (the rest of each body waits, unread), so their buffers do too;
+    every stream gets its bytes through intact, and all the budget comes back."""
+    driver = FilesystemDriver(str(tmp_path))
+    driver.staging = ByteBudget(4 << 20)
+    real_writev, real_give = os.writev, driver.staging.give
+    buffers, peak = _BufferCount(monkeypatch), [0]
+
+    def slow_writev(fd: int, buffers) -> int:
+        time.sleep(0.002)
+        return real_writev(fd, buffers)
+
+    def give(n: int) -> None:
+        peak[0] = max(peak[0], driver.staging.used)
+        real_give(n)
+    monkeypatch.setattr(directio.os, "writev", slow_writev)
+    monkeypatch.setattr(driver.staging, "give", give)
+    streams = [os.urandom((24 << 20) + i * 4097) for i in range(8)]
+
+    async def push(i: int, data: bytes) -> str:
+        (tmp_path / f"u{i}").mkdir()
+        writer = await driver.append(f"/u{i}/data")
+        hasher = hashstate.Hasher("sha256")
+
+        async def body():
+            for start in range(0, len(data), 256 << 10):
+                yield [data[start:start + (256 << 10)]]
+                await asyncio.sleep(0)
+
+        await uploads.stream_into(writer, [hasher], body())
+        await writer.close()
+        return hasher.hexdigest()
+
+    digests = await asyncio.wait_for(asyncio.gather(*(push(i, d) for i, d in enumerate(streams))), 60)
+    assert digests == [hashlib.sha256(d).hexdigest() for d in streams]
+    for i, data in enumerate(streams):
+        assert (tmp_path / f"u{i}/data").read_bytes() == data
+    assert 0 < peak[0] <= 4 << 20 and driver.staging.used == 0
+    # the staged bytes of all, and a buffer each is filling (and one it has just filled)
+    assert buffers.peak <= (4 << 20) // directio.BUFFER + 2 * len(streams) and buffers.out == 0

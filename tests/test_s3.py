@@ -176,11 +176,12 @@ async def test_body_bytes_of_all_writers_stay_within_the_budget(rgw):
     every object arrives whole. Batches straddle parts' ends, as real bodies do: when a
     straddling batch needed the next part's room first, every holder waited for room that
     only its own unfinished part would free (32 concurrent pushes hung)."""
-    from regserve.storage.s3 import S3Driver, _Buffers
+    from regserve.storage.budget import ByteBudget
+    from regserve.storage.s3 import S3Driver
     driver = S3Driver(rgw["S3_BUCKET"], regionendpoint=rgw["S3_ENDPOINT"], accesskey=rgw["S3_ACCESS_KEY"],
                       secretkey=rgw["S3_SECRET_KEY"], rootdirectory=f"/budget-{uuid.uuid4().hex[:12]}",
                       chunksize=5 << 20)
-    driver.buffers = _Buffers(10 << 20)  # two parts for six writers
+    driver.buffers = ByteBudget(10 << 20)  # two parts for six writers
     peak = 0
     take = driver.buffers.take
 

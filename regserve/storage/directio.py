@@ -42,7 +42,7 @@ REMOTE_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs
                       "afs", "gpfs", "beegfs", "fuse", "fuseblk"}
 ALIGN = 4096           # the logical block size of nearly every device (larger: see _write_out)
 BUFFER = 2 << 20       # whole blocks go out when this fills, or at the end of each batch
-BUFFERS = 12           # per upload, used in turn: the pipeline keeps at most 20 MiB unwritten
+BUFFERS = 12           # written buffers a process keeps for reuse
 IOV_MAX = 1024
 
 
@@ -108,9 +108,9 @@ class _Buffer:
         self.map.close()
 
 
-# Buffers of finished uploads, kept for the next: one upload's worth. Each upload of more than
-# BUFFERS * BUFFER bytes uses all its buffers in turn, so the memory a process holds for staging
-# is the same whatever the layer size (and is paged in once, not per upload).
+# Written buffers, for the next one staged by any upload of the process (at most BUFFERS kept):
+# the memory a process holds for staging follows what its uploads hold unwritten at once (the
+# driver's budget), not their number or their sizes, and is paged in once, not per upload.
 _spare: queue.SimpleQueue[_Buffer] = queue.SimpleQueue()
 
 
@@ -121,12 +121,11 @@ def _buffer() -> _Buffer:
         return _Buffer()
 
 
-def _give_back(buffers: list[_Buffer]) -> None:
-    for buf in buffers:
-        if _spare.qsize() < BUFFERS:
-            _spare.put(buf)
-        else:
-            buf.close()
+def _give_back(buf: _Buffer) -> None:
+    if _spare.qsize() < BUFFERS:
+        _spare.put(buf)
+    else:
+        buf.close()
 
 
 @dataclass(frozen=True)
@@ -148,9 +147,11 @@ class DirectAppender:
     returned (write), in that order; flush() ends the appender. Raises OSError if the filesystem
     refuses O_DIRECT; the caller then writes buffered.
 
-    Staging never waits: the caller keeps at most (BUFFERS - 2) * BUFFER bytes staged and not
-    yet written, so a written buffer is always free when one is needed (were none, another is
-    made)."""
+    Staging never waits: a written buffer of the process is reused where one is free, else
+    another is made. A buffer goes back to the process once its last block is written, so an
+    upload holds the buffers of what it has staged and not yet written (the pipeline keeps that
+    under 20 MiB, and the driver's budget shares it out among the process's uploads) and the
+    one it is filling, whatever its size."""
 
     def __init__(self, fd: int, size: int) -> None:
         _set_direct(fd, True)  # fails here, before any byte is taken, where unsupported
@@ -158,8 +159,7 @@ class DirectAppender:
         self._fd = fd
         self._direct = False
         self._head = -size % ALIGN  # bytes to write buffered until the file's end is aligned
-        self._free: queue.SimpleQueue[_Buffer] = queue.SimpleQueue()  # written, for reuse
-        self._buffers: list[_Buffer] = []
+        self._buffers: set[_Buffer] = set()  # held: being filled, or not yet written
         self._buf = self._new_buffer()
         self._held = 0     # bytes in the current buffer
         self._handed = 0   # of which already handed out as Blocks
@@ -172,13 +172,8 @@ class DirectAppender:
         self._refused = False  # the device wants a larger alignment: buffered from then on
 
     def _new_buffer(self) -> _Buffer:
-        if len(self._buffers) >= BUFFERS:  # all in use in turn: the oldest written one
-            try:
-                return self._free.get_nowait()
-            except queue.Empty:
-                pass
         buf = _buffer()
-        self._buffers.append(buf)
+        self._buffers.add(buf)
         return buf
 
     # -- the event loop -----------------------------------------------------------------------
@@ -251,7 +246,8 @@ class DirectAppender:
                 raise
             for item in items:
                 if isinstance(item, Blocks) and item.last:
-                    self._free.put(item.buffer)
+                    self._buffers.discard(item.buffer)
+                    _give_back(item.buffer)
 
     def _write_out(self, views: list[memoryview], direct: bool) -> None:
         if direct != self._direct:
@@ -291,5 +287,6 @@ class DirectAppender:
                             direct=False)
         finally:
             self._failed = True  # nothing more after this
-            buffers, self._buffers = self._buffers, []
-            _give_back(buffers)
+            buffers, self._buffers = self._buffers, set()
+            for buf in buffers:
+                _give_back(buf)

@@ -29,7 +29,8 @@ from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 from ..uncancellable import to_the_end
 from . import pagecache
 from .base import AlreadyExists, Busy, CommitMismatch, FileInfo, FileWriter, PathNotFound, StorageDriver, check_path
-from .directio import DirectAppender, direct_io_suits
+from .budget import ByteBudget
+from .directio import Blocks, DirectAppender, direct_io_suits
 
 T = TypeVar("T")
 IOV_MAX = 1024
@@ -41,6 +42,10 @@ LEGACY_TEMP = re.compile(r"(?:data|link|startedat|\d+)\.tmp-[0-9a-f]{32}")
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 WRITEBACK_STEP = 8 << 20  # start writeback of this much at a time: large I/O, little dirty memory
 CACHE_BEHIND = 64 << 20   # a stream keeps at most about this much of what it wrote in the page cache
+# Body bytes all uploads of a process hold staged and not yet written. One push keeps up to
+# 20 MiB in flight (registry/uploads.py); many at once share this, so that 16 concurrent pushes
+# do not hold 16 times that (their throughput is bound by the CPU anyway).
+STAGING_BUDGET = 32 << 20
 
 
 def _load_sync_file_range():
@@ -132,6 +137,11 @@ def _link_into(src: str, dst: str, path: str) -> None:
         except FileNotFoundError:
             if attempt == REPLACE_ATTEMPTS - 1:
                 raise
+
+
+def _nbytes(item: Any) -> int:
+    """Bytes in one item a writer stages: a piece, or blocks of a direct-I/O buffer."""
+    return item.end - item.start if isinstance(item, Blocks) else len(item)
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -242,6 +252,7 @@ class FilesystemWriter(FileWriter):
         # through it, with the writeback and drop-behind below.
         self._direct: DirectAppender | None = None
         self._direct_tried = not driver.direct_io
+        self._admitted = 0  # bytes of the driver's staging budget this writer holds
 
     def _write(self, chunks: Sequence[bytes]) -> None:
         _write_all(self._fd, chunks)
@@ -286,14 +297,29 @@ class FilesystemWriter(FileWriter):
         return super().take_staged() if self._direct is None else self._direct.take()
 
     def write_from_thread(self, staged: Sequence[Any], loop: asyncio.AbstractEventLoop) -> None:
-        if self._direct is None:
-            self._write(staged)
-        else:
-            self._direct.write(staged)
+        try:
+            if self._direct is None:
+                self._write(staged)
+            else:
+                self._direct.write(staged)
+        finally:  # before the pipeline counts these bytes written (also on the loop, after this)
+            loop.call_soon_threadsafe(self._give, sum(map(_nbytes, staged)))
+
+    async def admit(self, nbytes: int) -> None:
+        await self._driver.staging.take(nbytes)
+        self._admitted += nbytes
+
+    def _give(self, nbytes: int) -> None:
+        """On the event loop: `nbytes` admitted are out of our hands (the last partial block of
+        a stream is written, and given back, at its end)."""
+        nbytes = min(nbytes, self._admitted)
+        self._admitted -= nbytes
+        self._driver.staging.give(nbytes)
 
     async def release_staging(self) -> None:
         self._end_direct()
         self._direct_tried = not self._driver.direct_io  # direct again with the next piece
+        self._give(self._admitted)
 
     def _end_direct(self) -> None:
         if self._direct is not None:
@@ -343,6 +369,7 @@ class FilesystemWriter(FileWriter):
             finally:
                 fd, self._fd = self._fd, -1
                 os.close(fd)
+                self._give(self._admitted)
 
 
 class FilesystemDriver(StorageDriver):
@@ -359,6 +386,7 @@ class FilesystemDriver(StorageDriver):
         self.direct_io = direct_io_suits(self.root) if direct_io is None else direct_io
         self._pool = ThreadPoolExecutor(max_workers=max(4, maxthreads), thread_name_prefix="fs")
         self._local = _LocalLocks()
+        self.staging = ByteBudget(STAGING_BUDGET)
         budget = default_prewarm_budget() if prewarm is None else prewarm
         self.prewarm = Prewarmer(budget) if budget > 0 and self.direct_io and _CAN_DROP else None
 

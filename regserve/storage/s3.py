@@ -40,6 +40,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
 from .base import AlreadyExists, Busy, CommitMismatch, FileInfo, FileWriter, PathNotFound, StorageDriver, check_path
+from .budget import ByteBudget
 
 MIN_PART = 5 << 20          # S3's smallest part (but the last)
 PART_SIZE = 8 << 20         # a writer's first part size (distribution: 10 MiB); doubles every 1,000 parts
@@ -48,48 +49,13 @@ COPY_PARALLEL = 8           # parts of one server-side copy in flight
 SINGLE_COPY_MAX = 5 << 30   # CopyObject's limit; above it, a multipart copy
 PARALLEL_PARTS = 6         # parts of one writer in flight at once
 PARTS_PER_SEGMENT = 1000   # then a new segment (multipart upload), with parts twice as large
-BUFFER_BUDGET = 96 << 20   # body bytes all writers of a process hold before S3 has them
+# Body bytes all writers of a process (driver) hold before S3 has them: staged, in the part being
+# filled, or in a part in flight. A writer takes a whole part's worth before it reads the bytes
+# that start a part.
+BUFFER_BUDGET = 96 << 20
 LEASE_SECONDS = 9.0         # a lock's lease, renewed every third of it while held: shorter than a
                             # request's wait for an owner (10 s), so a retry after a crash waits, not fails
 _MISSING = ("NoSuchKey", "404", "NotFound", "NoSuchUpload")
-
-
-class _Buffers:
-    """The bytes of upload bodies all writers of this process may hold at once: received and
-    not yet acknowledged by S3, whether staged, in the part being filled or in a part in flight.
-    A writer takes a whole part's worth before it reads the bytes that start a part (on the
-    event loop, holding no thread) and gives it back once S3 has the part, so concurrent pushes
-    wait for room, their bodies unread, instead of growing the process."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.used = limit, 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-
-    def _fits(self, n: int) -> bool:
-        return self.used + n <= self.limit or self.used == 0  # a part over the limit goes alone
-
-    async def take(self, n: int) -> None:
-        if not self._waiters and self._fits(n):
-            self.used += n
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, waiter))
-        try:
-            await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self.give(n)  # granted as we were cancelled: pass it on
-            else:
-                self._waiters.remove((n, waiter))
-            raise
-
-    def give(self, n: int) -> None:
-        self.used -= n
-        while self._waiters and self._fits(self._waiters[0][0]):
-            n, waiter = self._waiters.pop(0)  # in order: no small part starves a large one
-            if not waiter.done():
-                self.used += n
-                waiter.set_result(None)
 
 
 def _content_md5(request: Any, **_: Any) -> None:
@@ -138,7 +104,7 @@ class S3Driver(StorageDriver):
         self._copy_part = max(MIN_PART, min(SINGLE_COPY_MAX, int(multipartcopychunksize or COPY_PART)))
         self._copy_parallel = max(1, int(multipartcopymaxconcurrency or COPY_PARALLEL))
         self._copy_threshold = min(SINGLE_COPY_MAX, int(multipartcopythresholdsize or SINGLE_COPY_MAX))
-        self.buffers = _Buffers(max(BUFFER_BUDGET, 2 * self._part))
+        self.buffers = ByteBudget(max(BUFFER_BUDGET, 2 * self._part))
         # What every object written gets: distribution's storageclass and encrypt/keyid.
         self._extra: dict[str, str] = {}
         if storageclass and storageclass != "NONE":
