@@ -112,7 +112,9 @@ class Hasher:
             view = memoryview(data)
             if view.readonly:
                 view = memoryview(bytearray(view))
-            self._update(self._ctx, (ctypes.c_char * n).from_buffer(view), n)
+            # The address of its first byte: an array type of length n per call cost 12 us.
+            first = ctypes.c_char.from_buffer(view)  # held (the buffer exported) through the call
+            self._update(self._ctx, ctypes.addressof(first), n)
 
     def hexdigest(self) -> str:
         if self._py is not None:
