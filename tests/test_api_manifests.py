@@ -218,3 +218,15 @@ async def test_foreign_layers_need_not_exist(client):
     r = await client.put("/v2/foo/manifests/win", data=json.dumps(doc).encode(),
                          headers={"Content-Type": OCI_MANIFEST})
     assert r.status == 201
+
+
+async def test_a_refused_delete_leaves_no_trace(client):
+    """DELETE of a manifest or tag that is not there (in a repository that does not exist, or
+    one that does) is refused before the repository's lock is taken: no repository appears."""
+    digest = digest_of(b"nothing")
+    for ref in (digest, "v1"):
+        r = await client.delete(f"/v2/ghost/manifests/{ref}")
+        assert r.status == 404 and code(await r.json()) == "MANIFEST_UNKNOWN"
+    r = await client.get("/v2/ghost/tags/list")
+    assert r.status == 404 and code(await r.json()) == "NAME_UNKNOWN"
+    assert "ghost" not in (await (await client.get("/v2/_catalog")).json())["repositories"]

@@ -345,15 +345,19 @@ class Manifests:
             raise ManifestBlobUnknown({"digests": missing})
 
     async def delete(self, reference: str) -> None:
-        """By tag: remove the tag. By digest: remove the revision and every tag pointing to it."""
+        """By tag: remove the tag. By digest: remove the revision and every tag pointing to it.
+        What is not there is refused before the repository's lock is taken: a refused DELETE
+        (of any name a client makes up) leaves nothing behind, not even a lock file."""
         if not is_digest(reference):
             if not TAG_RE.fullmatch(reference):
                 raise ManifestUnknown({"reference": reference})
+            await self.tags.resolve(reference)
             async with self._owned():
                 await self.tags.untag(reference)
             return
+        await self.resolve(reference)
         async with self._owned():
-            d = await self.resolve(reference)
+            d = await self.resolve(reference)  # again: another owner may have removed it meanwhile
             await self._untag_all(d)
             subject = await self._subject_of(d)
             try:
