@@ -121,8 +121,9 @@ class FileWriter(abc.ABC):
 
     async def admit(self, nbytes: int) -> None:
         """Called on the event loop before the pipeline takes `nbytes` more of a body. A driver
-        that must buffer before it writes (S3 parts) waits here for room in a process-wide
-        budget, so the body is not read further meanwhile; no pool thread is held while waiting."""
+        that holds body bytes before they are out of its hands (S3 parts; the filesystem's
+        staging buffers) waits here for room in a budget its writers share (storage/budget.py),
+        so the body is not read further meanwhile; no pool thread is held while waiting."""
 
     async def release_staging(self) -> None:
         """The stream has gone quiet: write out what staging holds and give its buffers back
