@@ -66,6 +66,9 @@ def draw(summaries: list[dict], names: tuple[str, str], out: Path) -> bool:
             style = "-" if label.endswith(names[0]) else "--"
             ax.plot([x for x, _ in points], [y for _, y in points], style, marker="o", label=label)
         ax.set_xscale("log", base=2)
+        xs = sorted({x for points in lines.values() for x, _ in points})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
         ax.set_title(titles[panel][0])
         ax.set_xlabel(titles[panel][1])
         ax.set_ylabel("MiB/s")
