@@ -22,7 +22,7 @@ import time
 from aiohttp import web
 
 from . import logs, metrics
-from .api.app import RUNNER_OPTIONS, make_app, make_registry
+from .api.app import make_app, make_registry, runner_options
 from .api.debug import make_debug_app
 from .config import TLS_CLIENT_AUTH, TLS_VERSIONS, Config
 from .connections import Limits, RegistryRunner
@@ -192,7 +192,7 @@ async def serve(config: Config, sock: socket.socket, purge: bool = True,
     registry = make_registry(config)
     app = make_app(config, registry)
     runner = RegistryRunner(app, Limits.of(config), access_log=logging.getLogger(logs.ACCESS_LOGGER),
-                            access_log_class=logs.AccessLogger, **RUNNER_OPTIONS)
+                            access_log_class=logs.AccessLogger, **runner_options(config))
     await runner.setup()
     site = web.SockSite(runner, sock, shutdown_timeout=config.drain_timeout or 5.0,
                         ssl_context=tls_context(config))

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from regserve import config as config_mod
 from regserve.api import make_app
-from regserve.api.app import RUNNER_OPTIONS
+from regserve.api.app import RUNNER_OPTIONS, runner_options
 from regserve.api.common import CONFIG_KEY
 from regserve.connections import Limits, RegistryRunner
 
@@ -89,7 +89,8 @@ class RegserveTestServer(TestServer):
         config = self.app.get(CONFIG_KEY)
         limits = Limits.of(config) if config is not None else Limits()
         kwargs.pop("keepalive_timeout", None)
-        return RegistryRunner(self.app, limits, **{**kwargs, **RUNNER_OPTIONS})
+        options = runner_options(config) if config is not None else RUNNER_OPTIONS
+        return RegistryRunner(self.app, limits, **{**kwargs, **options})
 
 
 @pytest.fixture
