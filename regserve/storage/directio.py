@@ -140,6 +140,9 @@ class Blocks:
     end: int
     last: bool
 
+    def __len__(self) -> int:
+        return self.end - self.start
+
 
 Staged = Union[bytes, Blocks]  # bytes: to write through the page cache (the head of an unaligned file)
 

@@ -30,7 +30,7 @@ from ..uncancellable import to_the_end
 from . import pagecache
 from .base import AlreadyExists, Busy, CommitMismatch, FileInfo, FileWriter, PathNotFound, StorageDriver, check_path
 from .budget import ByteBudget
-from .directio import Blocks, DirectAppender, direct_io_suits
+from .directio import DirectAppender, direct_io_suits
 
 T = TypeVar("T")
 IOV_MAX = 1024
@@ -137,11 +137,6 @@ def _link_into(src: str, dst: str, path: str) -> None:
         except FileNotFoundError:
             if attempt == REPLACE_ATTEMPTS - 1:
                 raise
-
-
-def _nbytes(item: Any) -> int:
-    """Bytes in one item a writer stages: a piece, or blocks of a direct-I/O buffer."""
-    return item.end - item.start if isinstance(item, Blocks) else len(item)
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -303,7 +298,7 @@ class FilesystemWriter(FileWriter):
             else:
                 self._direct.write(staged)
         finally:  # before the pipeline counts these bytes written (also on the loop, after this)
-            loop.call_soon_threadsafe(self._give, sum(map(_nbytes, staged)))
+            loop.call_soon_threadsafe(self._give, sum(map(len, staged)))
 
     async def admit(self, nbytes: int) -> None:
         await self._driver.staging.take(nbytes)
