@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .client import (
+    RECV_BUF,
     AsyncConnection,
     BlockingConnection,
     HTTPError,
@@ -295,34 +296,41 @@ def pull_after_push(server: Server, blob: BlobFile, clients: int, repo: str = "b
     the server's copy first) and times the pulls only."""
     push_large(server, blob, repo=repo)
     time.sleep(later)
-    elapsed = _pull_at_once(server, blob, clients, repo)
+    elapsed = max(_pull_at_once(server, blob, clients, repo))
     return {"MiB/s": blob.size * clients / MIB / elapsed, "seconds": elapsed}
 
 
 def pull_concurrent(server: Server, blob: BlobFile, clients: int, repo: str = "bench/mid") -> dict:
     warm(server, blob)
-    elapsed = _pull_at_once(server, blob, clients, repo)
+    elapsed = max(_pull_at_once(server, blob, clients, repo))
     return {"MiB/s": blob.size * clients / MIB / elapsed}
 
 
-def _pull_at_once(server: Server, blob: BlobFile, clients: int, repo: str) -> float:
-    """Seconds for `clients` connections to download the blob at the same time, each whole."""
-    def one(_: int) -> int:
-        conn = BlockingConnection(server.url)
-        try:
-            r = conn.request("GET", f"/v2/{repo}/blobs/{blob.digest}", discard=True)
-            _check(r, 200)
-            return r.received
-        finally:
-            conn.close()
+def _pull_at_once(server: Server, blob: BlobFile, clients: int, repo: str,
+                  recv_buf: int = RECV_BUF) -> list[float]:
+    """`clients` connections, opened first, GET the blob at the same time, each whole: the
+    seconds from their common start to each one's last byte."""
+    conns = [BlockingConnection(server.url, recv_buf) for _ in range(clients)]
+    start_line = threading.Barrier(clients + 1, timeout=60)
+    start = 0.0
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        total = sum(pool.map(one, range(clients)))
-    elapsed = time.perf_counter() - start
-    if total != blob.size * clients:
-        raise HTTPError("short reads")
-    return elapsed
+    def pull(conn: BlockingConnection) -> float:
+        start_line.wait()
+        r = conn.request("GET", f"/v2/{repo}/blobs/{blob.digest}", discard=True)
+        _check(r, 200)
+        if r.received != blob.size:
+            raise HTTPError(f"short read {r.received}")
+        return time.perf_counter() - start
+
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            futures = [pool.submit(pull, c) for c in conns]
+            start = time.perf_counter()
+            start_line.wait()
+            return [f.result() for f in futures]
+    finally:
+        for c in conns:
+            c.close()
 
 
 FANOUT_RECV_BUF = 256 << 10  # per client: 500 clients with the usual 4 MiB would hold 2 GiB
@@ -334,30 +342,7 @@ def pull_fanout(server: Server, blob: BlobFile, clients: int, repo: str = "bench
     aggregate as a share of one client pulling the same blob alone just before, as pull_large
     does (`one_client_MiB/s`, `of_one_%`)."""
     one = pull_large(server, blob, repo)["MiB/s"]  # warms it too
-    conns = [BlockingConnection(server.url, FANOUT_RECV_BUF) for _ in range(clients)]
-    go = threading.Event()
-    start = 0.0
-
-    def pull(conn: BlockingConnection) -> float:
-        go.wait()
-        r = conn.request("GET", f"/v2/{repo}/blobs/{blob.digest}", discard=True)
-        _check(r, 200)
-        if r.received != blob.size:
-            raise HTTPError(f"short read {r.received}")
-        return time.perf_counter() - start
-
-    try:
-        with ThreadPoolExecutor(clients) as pool:
-            futures = [pool.submit(pull, c) for c in conns]
-            time.sleep(0.2)  # every thread waiting at the start line
-            start = time.perf_counter()
-            go.set()
-            done = Latencies()
-            for f in futures:
-                done.add(f.result())
-    finally:
-        for c in conns:
-            c.close()
+    done = Latencies(_pull_at_once(server, blob, clients, repo, FANOUT_RECV_BUF))
     last = done.pct(1.0)
     aggregate = clients * blob.size / MIB / last
     return {"MiB/s": aggregate, "one_client_MiB/s": one, "of_one_%": 100 * aggregate / one, "p50_s": done.pct(0.5),
