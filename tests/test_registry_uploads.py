@@ -142,6 +142,7 @@ async def test_a_write_failing_mid_stream_ends_it_with_that_error(tmp_path, monk
     assert failure.value.errno == errno.ENOSPC
     monkeypatch.undo()
     await writer.close()
+    assert driver.staging.used == 0  # a failed write gives its budget back too
     on_disk = (tmp_path / "upload/data").read_bytes()
     assert 0 < len(on_disk) < len(data)
     assert on_disk == data[:len(on_disk)]
@@ -240,3 +241,44 @@ async def test_concurrent_streams_share_the_staging_budget(tmp_path, monkeypatch
     assert 0 < peak[0] <= 4 << 20 and driver.staging.used == 0
     # the staged bytes of all, and a buffer each is filling (and one it has just filled)
     assert buffers.peak <= (4 << 20) // directio.BUFFER + 2 * len(streams) and buffers.out == 0
+
+
+async def test_a_client_gone_mid_body_gives_its_staging_budget_back(tmp_path):
+    """The client goes away mid-body: what arrived is kept, and the writer's share of the
+    process's staging budget comes back when it is closed."""
+    driver = FilesystemDriver(str(tmp_path))
+    (tmp_path / "upload").mkdir()
+    writer = await driver.append("/upload/data")
+    data = os.urandom(8 << 20)
+
+    async def body():
+        for start in range(0, len(data), BATCH):
+            yield [data[start:start + BATCH]]
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        await uploads.stream_into(writer, [hashstate.Hasher("sha256")], body())
+    await writer.close()
+    assert driver.staging.used == 0
+    assert (tmp_path / "upload/data").read_bytes() == data
+
+
+async def test_a_budget_waiter_cancelled_takes_nothing_and_blocks_no_one():
+    """A push cancelled while it waits for room leaves the queue; one cancelled just as room was
+    granted passes the room on to the next."""
+    budget = ByteBudget(10)
+    await budget.take(10)
+    first = asyncio.ensure_future(budget.take(6))
+    second = asyncio.ensure_future(budget.take(4))
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    budget.give(10)
+    await asyncio.wait_for(second, 1)
+    assert budget.used == 4
+    third = asyncio.ensure_future(budget.take(8))
+    await asyncio.sleep(0)
+    budget.give(4)  # grants the 8 ...
+    third.cancel()  # ... just as its taker is cancelled: the room goes back
+    await asyncio.gather(third, return_exceptions=True)
+    assert budget.used == 0
