@@ -32,10 +32,6 @@ from .scenarios import MIB, BlobFile
 from .servers import Distribution, NullServer, Regserve, Server
 
 HERE = Path(__file__).resolve().parent
-# For each figure: True when higher is better. Ratios are always regserve / reference.
-HIGHER_IS_BETTER = {"MiB/s": True, "blobs/s": True, "req/s": True, "p50_ms": False, "p99_ms": False,
-                    "seconds": False, "cpu_%": False, "peak_rss_MiB": False, "kept_MiB": True,
-                    "cpu_s_per_GiB": False, "client_cpu_%": False, "rss_growth_MiB": False, "p99_s": False}
 
 
 def parse_size(text: str) -> int:
