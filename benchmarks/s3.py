@@ -9,8 +9,6 @@ run's pushes do not fill the OSD.
 
 from __future__ import annotations
 
-import os
-import random
 import subprocess
 import tempfile
 import time
@@ -19,10 +17,10 @@ from pathlib import Path
 from botocore.config import Config
 from botocore.session import get_session
 
-from .scenarios import MIB, BlobFile, get_blob, label_of, push_concurrent, push_large
-from .servers import Server, free_port
+from tests.s3 import rgw
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "tests" / "s3"
+from .scenarios import MIB, BlobFile, get_blob, label_of, push_concurrent, push_large
+from .servers import Server
 
 
 class Engine:
@@ -30,19 +28,14 @@ class Engine:
         self._own: Path | None = None
         if exports is None:
             self._own = Path(tempfile.mkdtemp(prefix="bench-rgw-"))
-            env = dict(os.environ, CEPH_INSTALL="0", CEPH_MON_PORT=str(_two_ports()), CEPH_RGW_PORT=str(free_port()),
-                       CEPH_OSD_PORT_MIN=str(random.randrange(20000, 30000, 100)), S3_BUCKET="bench",
-                       CEPH_OSD_SIZE_GB="40")
-            r = subprocess.run([str(SCRIPTS / "start-ceph-rgw.sh"), str(self._own)], env=env,
-                               capture_output=True, text=True, timeout=600)
+            r = rgw.start(self._own, "bench", osd_size_gb=40)
             if r.returncode != 0:
                 self.stop()
                 raise RuntimeError(f"Ceph RGW did not start:\n{r.stderr[-3000:]}")
             text = r.stdout
         else:
             text = exports.read_text()
-        self.env = dict(line[len("export "):].split("=", 1) for line in text.splitlines()
-                        if line.startswith("export "))
+        self.env = rgw.exports(text)
         self.bucket = self.env["S3_BUCKET"]
         self.client = get_session().create_client(
             "s3", region_name="us-east-1", endpoint_url=self.env["S3_ENDPOINT"],
@@ -52,8 +45,7 @@ class Engine:
 
     def stop(self) -> None:
         if self._own is not None:
-            subprocess.run([str(SCRIPTS / "stop-ceph-rgw.sh"), str(self._own), "--purge"],
-                           capture_output=True, timeout=120)
+            rgw.stop(self._own)
             self._own = None
 
     def storage_yaml(self, root: str, redirect: bool) -> str:
@@ -101,19 +93,6 @@ class Engine:
             gets.append(blob.size / MIB / (time.perf_counter() - start))
         self.empty("engine-probe/")
         return {"engine_put_MiB/s": sorted(puts)[len(puts) // 2], "engine_get_MiB/s": sorted(gets)[len(gets) // 2]}
-
-
-def _two_ports() -> int:
-    """A free port whose successor is free too (the mon takes both)."""
-    import socket
-    while True:
-        port = free_port()
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
 
 
 class OnS3:

@@ -231,34 +231,18 @@ def rgw(tmp_path_factory) -> Iterator[dict[str, str]]:
     S3 tests: its S3_ENDPOINT, S3_ACCESS_KEY, S3_SECRET_KEY and S3_BUCKET. Stopped by its PIDs.
     REGSERVE_TEST_RGW=FILE (the exports start-ceph-rgw.sh printed) reuses a running one instead,
     to iterate on the S3 tests without a minute of bring-up each run."""
-    import random
+    from .s3 import rgw as engine
     if os.environ.get("REGSERVE_TEST_RGW"):
-        text = Path(os.environ["REGSERVE_TEST_RGW"]).read_text()
-        yield dict(line[len("export "):].split("=", 1) for line in text.splitlines() if line.startswith("export "))
+        yield engine.exports(Path(os.environ["REGSERVE_TEST_RGW"]).read_text())
         return
     for tool in ("radosgw", "ceph-mon", "ceph-osd"):
         require_tool(tool, "Ceph RGW, the S3 engine of the S3 tests")
     base = tmp_path_factory.mktemp("rgw")
-    mon = free_port()
-    while True:  # the mon takes PORT and PORT+1
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", mon + 1))
-            break
-        except OSError:
-            mon = free_port()
-    env = dict(os.environ, CEPH_INSTALL="0", CEPH_MON_PORT=str(mon), CEPH_RGW_PORT=str(free_port()),
-               CEPH_OSD_PORT_MIN=str(random.randrange(20000, 30000, 100)), S3_BUCKET="registry")
-    scripts = ROOT / "tests" / "s3"
-    r = subprocess.run([str(scripts / "start-ceph-rgw.sh"), str(base)], env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = engine.start(base, "registry")
     try:
         if r.returncode != 0:
             pytest.fail(f"Ceph RGW did not start:\n{r.stderr[-4000:]}")
-        exports = dict(line[len("export "):].split("=", 1) for line in r.stdout.splitlines()
-                       if line.startswith("export "))
-        yield exports
+        yield engine.exports(r.stdout)
     finally:
-        subprocess.run([str(scripts / "stop-ceph-rgw.sh"), str(base), "--purge"], capture_output=True,
-                       timeout=120)
+        engine.stop(base)
 
