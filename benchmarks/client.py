@@ -55,10 +55,14 @@ class BlockingConnection:
     def __init__(self, base: str, recv_buf: int = RECV_BUF) -> None:
         u = urlparse(base)
         self.host, self.port, self.netloc = u.hostname, u.port, u.netloc
+        self._connect()
+        self.buf = memoryview(bytearray(recv_buf))
+
+    def _connect(self) -> None:
         self.sock = socket.create_connection((self.host, self.port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pending = b""
-        self.buf = memoryview(bytearray(recv_buf))
+        self.closing = False  # the server said `Connection: close`: the next request reconnects
 
     def close(self) -> None:
         self.sock.close()
@@ -78,6 +82,9 @@ class BlockingConnection:
         `send_only` sends that many body bytes and returns without reading a response."""
         headers = dict(headers or {})
         frame = frame or FRAME
+        if self.closing:  # as any HTTP client does
+            self.sock.close()
+            self._connect()
         if file is not None:
             if chunked:
                 headers["Transfer-Encoding"] = "chunked"
@@ -138,6 +145,7 @@ class BlockingConnection:
             data += chunk
         head, _, rest = data.partition(b"\r\n\r\n")
         status, headers = _parse_head(head)
+        self.closing = headers.get("connection", "").lower() == "close"
         length = 0 if method == "HEAD" or status in (204, 304) else int(headers.get("content-length", 0))
         if not discard:
             while len(rest) < length:

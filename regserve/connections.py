@@ -34,10 +34,12 @@ from aiohttp.web_protocol import RequestHandler
 
 from .api.common import BODY_KEY, RequestBody
 from .api.errors import error_body, internal_error
+from .receiver import BodyReceiver
 
 log = logging.getLogger("regserve.connections")
 EVICT_BATCH = 16  # idle connections closed at once when the limit is reached (amortises the scan)
 STAGING_IDLE = 2.0  # a body silent this long: its upload gives back its staging buffers
+RECEIVE_MIN = 1 << 20  # smaller bodies go through aiohttp's parser, and keep their connection
 
 
 def _load_malloc_trim() -> Any:
@@ -69,6 +71,7 @@ class RegistryConnection(RequestHandler):
         self._limits = manager.limits
         self._header_timer: Any = None
         self.last_data = self._loop.time()  # last time bytes arrived (or reading resumed)
+        self._receiver: BodyReceiver | None = None
 
     # -- timeouts -----------------------------------------------------------------------------
 
@@ -98,9 +101,38 @@ class RegistryConnection(RequestHandler):
     def body_wait(self, now: float) -> float:
         """How long the handler has waited for body bytes that do not come (0: it is not)."""
         request = self._current_request
-        if request is None or getattr(request.content, "_waiter", None) is None:
+        if request is None:
+            return 0.0
+        if getattr(request.content, "_waiter", None) is None \
+                and (self._receiver is None or not self._receiver.waiting):
             return 0.0
         return now - self.last_data
+
+    @property
+    def body_received(self) -> bool:
+        """A body came through a BodyReceiver: aiohttp's parser is left mid-body, so the
+        response closes the connection."""
+        return self._receiver is not None
+
+    def receive_body(self, request: web.BaseRequest) -> BodyReceiver | None:
+        """Hand the rest of `request`'s body to a BodyReceiver (receiver.py), if it can take it:
+        a plain TCP connection, a Content-Length body with at least RECEIVE_MIN bytes still to
+        come, and nothing else of the client's read ahead of the parser. The response then
+        closes the connection (`body_received`)."""
+        transport, content = self.transport, request.content
+        if transport is None or request is not self._current_request or self._receiver is not None \
+                or request.content_length is None or "Transfer-Encoding" in request.headers \
+                or transport.get_extra_info("sslcontext") is not None \
+                or not hasattr(transport, "set_protocol") or self._messages or self._buffer_paused \
+                or content.exception() is not None or content.is_eof():
+            return None
+        remaining = request.content_length - content.total_bytes
+        if remaining < RECEIVE_MIN:
+            return None
+        carry = content.read_nowait(-1)  # what aiohttp read already
+        content.feed_eof()  # for aiohttp: no body left to read (or to drain after the response)
+        self._receiver = BodyReceiver(self, remaining, carry)
+        return self._receiver
 
     def idle_since(self) -> float | None:
         """When this connection last did anything, if it is idle between requests."""

@@ -149,6 +149,12 @@ class FaultyWriter(FileWriter):
     def stage(self, piece: bytes) -> None:
         self._inner.stage(piece)
 
+    def stage_space(self) -> memoryview | None:
+        return self._inner.stage_space()
+
+    def staged(self, nbytes: int) -> None:
+        self._inner.staged(nbytes)
+
     def take_staged(self) -> tuple[Sequence[bytes | memoryview], Sequence[Any]]:
         return self._inner.take_staged()
 

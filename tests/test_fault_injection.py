@@ -28,7 +28,10 @@ from .test_conformance_workflows import SPEC_CODES
 
 BASE_CONFIG, BASE_LAYER = b'{"base": true}', os.urandom(3000)
 OLD_CONFIG = b'{"old": true}'
-CONFIG, LAYER = b'{"new": true}', os.urandom(600 << 10)  # over one batch: the upload pipeline runs
+# Over one batch (the upload pipeline runs); its second PATCH large enough to be received in
+# place (receiver.py), starting mid-block (the head goes through the page cache).
+CONFIG, LAYER = b'{"new": true}', os.urandom((4 << 20) + (600 << 10))
+FIRST = (400 << 10) + 1000
 BASE = image_manifest(digest_of(BASE_CONFIG), len(BASE_CONFIG), [(digest_of(BASE_LAYER), len(BASE_LAYER))])
 OLD = image_manifest(digest_of(OLD_CONFIG), len(OLD_CONFIG), [])
 NEW = image_manifest(digest_of(CONFIG), len(CONFIG), [(digest_of(LAYER), len(LAYER))])
@@ -64,11 +67,12 @@ async def _scenario(client) -> list[tuple[str, int, bytes]]:
     r = await client.post("/v2/app/blobs/uploads/")
     if await step("start", r):
         location = r.headers["Location"]
-        r = await client.patch(location, data=LAYER[:400 << 10])
+        r = await client.patch(location, data=LAYER[:FIRST])
         if await step("patch", r):
-            r = await client.patch(r.headers["Location"], data=LAYER[400 << 10:],
-                                   headers={"Content-Range": f"{400 << 10}-{len(LAYER) - 1}"})
+            r = await client.patch(r.headers["Location"], data=LAYER[FIRST:],
+                                   headers={"Content-Range": f"{FIRST}-{len(LAYER) - 1}"})
             if await step("patch2", r):
+                assert r.headers.get("Connection") == "close"  # it was received in place
                 await step("commit", await client.put(f"{r.headers['Location']}?digest={digest_of(LAYER)}"))
     await step("config", await client.post(f"/v2/app/blobs/uploads/?digest={digest_of(CONFIG)}", data=CONFIG))
     await step("tag v1", await _put_manifest(client, "app", "v1", NEW))

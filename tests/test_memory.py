@@ -57,6 +57,7 @@ def push(port: int, mib: int, chunked: bool) -> None:
             sock.sendall(b"0\r\n\r\n")
         r = response(sock)
         assert r[":status"] == "202" and r["range"] == f"0-{mib * MIB - 1}"
+    with socket.create_connection(("127.0.0.1", port)) as sock:  # the PATCH's may be closed
         r = request(sock, f"PUT {r['location']}?digest=sha256:{digest.hexdigest()} HTTP/1.1\r\n{host}"
                           "Content-Length: 0\r\n\r\n")
         assert r[":status"] == "201"

@@ -12,6 +12,7 @@ from aiohttp import StreamReader, web
 from .. import metrics
 from ..config import Config
 from ..errors import BlobUploadInvalid, PaginationInvalid
+from ..receiver import BodyReceiver
 from ..reference import Digest
 from ..registry import Registry, Repository
 from ..registry.uploads import ChunkRange
@@ -65,11 +66,58 @@ class RequestBody:
     the consumer gives them back until more arrives (connections.py)."""
 
     def __init__(self, request: web.Request) -> None:
+        self._request = request
         self._content = request.content
         self.on_idle: Callable[[], Awaitable[None]] | None = None
         self._signalled = False
         self.received = 0
+        self._receiver: BodyReceiver | None = None
         request[BODY_KEY] = self
+
+    # -- received straight into the consumer's buffers (receiver.py) ----------------------------
+
+    def receive_directly(self) -> bool:
+        """Whether the rest of the body can come through fill() instead of iteration (a large
+        body with a known length, on a plain connection); if so it comes that way only."""
+        if self._receiver is None:
+            take = getattr(self._request.protocol, "receive_body", None)
+            self._receiver = take(self._request) if take is not None else None
+            if self._receiver is None:
+                return False
+            metrics.upload_started()
+        return True
+
+    @property
+    def ended(self) -> bool:
+        assert self._receiver is not None
+        return self._receiver.ended
+
+    async def fill(self, view: memoryview) -> int:
+        """Receive into `view` until it is full or the body ends; fewer bytes also when the
+        client went quiet (idle()) or away (the next call raises)."""
+        assert self._receiver is not None
+        n = await self._receiver.fill(view)
+        if n == len(view):
+            self._signalled = False
+        self.received += n
+        return n
+
+    def pending(self) -> bool:
+        """Whether more of the body is here to take without waiting for the client."""
+        assert self._receiver is not None
+        return self._receiver.pending()
+
+    async def wait_data(self) -> None:
+        """After a fill() cut short: wait, holding no buffer, for the client's next bytes."""
+        assert self._receiver is not None
+        await self._receiver.wait_data()
+        self._signalled = False
+
+    def done(self) -> None:
+        """The consumer of fill() is finished."""
+        if self._receiver is not None:
+            metrics.upload_ended()
+            metrics.pushed(self.received)
 
     def __aiter__(self) -> AsyncIterator[list[bytes]]:
         return self._pieces()
@@ -101,10 +149,14 @@ class RequestBody:
     def idle(self) -> bool:
         """The client has sent nothing for a while: tell the consumer, once per such pause.
         Whether it was told now."""
-        if self.on_idle is None or self._signalled:
+        if self._signalled or (self.on_idle is None and self._receiver is None):
             return False
         self._signalled = True
-        asyncio.ensure_future(self.on_idle())
+        if self._receiver is not None:
+            self._receiver.interrupt()
+        else:
+            assert self.on_idle is not None
+            asyncio.ensure_future(self.on_idle())
         return True
 
 

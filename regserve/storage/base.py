@@ -79,7 +79,8 @@ class FileWriter(abc.ABC):
 
     Writes are sequential: one at a time, each appended after the last. Bulk data comes from the
     upload pipeline: on the event loop it `admit()`s each batch of a body (before reading on),
-    `stage()`s its pieces and `take_staged()`s them; its hashing thread hashes what was taken, its
+    `stage()`s its pieces (or receives them into `stage_space()`) and `take_staged()`s them;
+    its hashing thread hashes what was taken, its
     writing thread passes it to `write_from_thread()`, which may then not wait for a budget.
     `write()` is for a body small enough that a thread handoff would cost more than the write.
     `size` counts the bytes written (or staged, where staging copies).
@@ -105,6 +106,16 @@ class FileWriter(abc.ABC):
         keeps at most the pipeline's IN_FLIGHT_BYTES staged and not yet written. This default
         keeps the piece."""
         self._staged.append(piece)
+
+    def stage_space(self) -> memoryview | None:
+        """Room to receive the next bytes of a body straight into, on the event loop (a socket's
+        recv_into: no copy at all), to be staged with `staged(nbytes)` before anything else
+        happens to the writer; None where this writer stages by copy only (`stage`)."""
+        return None
+
+    def staged(self, nbytes: int) -> None:
+        """The first `nbytes` of the last `stage_space()` hold body bytes: stage them."""
+        raise NotImplementedError
 
     def take_staged(self) -> tuple[Sequence[bytes | memoryview], Sequence[Any]]:
         """What was staged since the last call: its bytes, to hash (the writer's copies, where

@@ -125,6 +125,8 @@ class _Writer(FileWriter):
     def __init__(self, driver: str, inner: FileWriter) -> None:
         self._driver, self._inner = driver, inner
         self.stage = inner.stage  # type: ignore[method-assign]  # per piece: no wrapping
+        self.stage_space = inner.stage_space  # type: ignore[method-assign]
+        self.staged = inner.staged  # type: ignore[method-assign]
         self.take_staged = inner.take_staged  # type: ignore[method-assign]
         self.release_staging = inner.release_staging  # type: ignore[method-assign]
         self.admit = inner.admit  # type: ignore[method-assign]

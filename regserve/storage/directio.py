@@ -176,6 +176,7 @@ class DirectAppender:
         self._written_total = 0  # after all of them, so the file never has a gap
         self._failed = False
         self._refused = False  # the device wants a larger alignment: buffered from then on
+        self._head_room = bytearray()  # space() for the head
 
     def _new_buffer(self) -> _Buffer:
         buf = _buffer()
@@ -195,12 +196,39 @@ class DirectAppender:
             room = BUFFER - self._held
             piece = memoryview(piece)  # slices without copying
             self._buf.map[self._held:] = piece[:room]
-            self._fresh.append(self._buf.view(self._taken, BUFFER))
-            self._hand_out(Blocks(self._buf, self._handed, BUFFER, True), BUFFER - self._handed)
-            self._buf, self._held, self._handed, self._taken = self._new_buffer(), 0, 0, 0
+            self._held = BUFFER
+            self._next_buffer()
             piece = piece[room:]
         self._buf.map[self._held:self._held + len(piece)] = piece  # nearly every piece: just this
         self._held += len(piece)
+
+    def space(self) -> memoryview:
+        """Room to receive bytes into (then filled()): the rest of the current buffer, or a
+        small buffer of its own for the head."""
+        if self._failed:
+            raise OSError(errno.EIO, "an earlier write of this upload failed")
+        if self._head:
+            self._head_room = bytearray(self._head)
+            return memoryview(self._head_room)
+        return self._buf.view(self._held, BUFFER)
+
+    def filled(self, nbytes: int) -> None:
+        """The first `nbytes` of the last space() were received."""
+        if not nbytes:
+            return
+        if self._head:
+            rest = self._stage_head(self._head_room[:nbytes])
+            assert not rest
+            return
+        self._held += nbytes
+        if self._held == BUFFER:
+            self._next_buffer()
+
+    def _next_buffer(self) -> None:
+        """The current buffer is full: hand it out whole, and start another."""
+        self._fresh.append(self._buf.view(self._taken, BUFFER))
+        self._hand_out(Blocks(self._buf, self._handed, BUFFER, True), BUFFER - self._handed)
+        self._buf, self._held, self._handed, self._taken = self._new_buffer(), 0, 0, 0
 
     def _stage_head(self, piece: bytes | memoryview) -> memoryview:
         """Hand out (to write buffered) what the file's last partial block still lacks, from

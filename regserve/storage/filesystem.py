@@ -275,18 +275,31 @@ class FilesystemWriter(FileWriter):
         self._end_direct()
         self._write(chunks)  # small: cheaper than a thread handoff
 
-    def stage(self, piece: bytes) -> None:
+    def _appender(self) -> DirectAppender | None:
         if not self._direct_tried:
             self._direct_tried = True
             try:
                 self._direct = DirectAppender(self._fd, self.size)
             except OSError:  # no direct I/O here (some FUSE and network filesystems)
                 pass
-        if self._direct is None:
+        return self._direct
+
+    def stage(self, piece: bytes) -> None:
+        direct = self._appender()
+        if direct is None:
             super().stage(piece)
             return
-        self._direct.stage(piece)
+        direct.stage(piece)
         self.size += len(piece)
+
+    def stage_space(self) -> memoryview | None:
+        direct = self._appender()
+        return None if direct is None else direct.space()
+
+    def staged(self, nbytes: int) -> None:
+        assert self._direct is not None
+        self._direct.filled(nbytes)
+        self.size += nbytes
 
     def take_staged(self) -> tuple[Sequence[bytes | memoryview], Sequence[Any]]:
         return super().take_staged() if self._direct is None else self._direct.take()
