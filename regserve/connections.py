@@ -25,16 +25,18 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 
 from .api.common import BODY_KEY, RequestBody
 from .api.errors import error_body, internal_error
-from .receiver import BodyReceiver
+from .receiver import BodyReceiver, Chunked, Length
 
 log = logging.getLogger("regserve.connections")
 EVICT_BATCH = 16  # idle connections closed at once when the limit is reached (amortises the scan)
@@ -72,6 +74,7 @@ class RegistryConnection(RequestHandler):
         self._header_timer: Any = None
         self.last_data = self._loop.time()  # last time bytes arrived (or reading resumed)
         self._receiver: BodyReceiver | None = None
+        self._held: bytes | None = None  # a chunked upload's body, not given to the parser (yet)
 
     # -- timeouts -----------------------------------------------------------------------------
 
@@ -82,10 +85,48 @@ class RegistryConnection(RequestHandler):
         self.last_data = self._loop.time()
         if data and self._header_timer is None and not self._in_request():
             self._header_timer = self._loop.call_later(self._limits.read_header, self._headers_late)
-        super().data_received(data)
+        self._feed(data)
         if self._header_timer is not None and self._in_request():
             self._header_timer.cancel()
             self._header_timer = None
+
+    # -- upload bodies past aiohttp's parser (receiver.py) ---------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        """aiohttp's parser gets `data`, except the body of a chunked upload request whose head
+        ends in it: that is held back, unparsed, and the connection paused, for the upload to
+        receive in place (receive_body) or, if it does not, to give to the parser after all
+        (release_body). Its chunk framing is then known to start with the held bytes, which is
+        what the receiver needs; where aiohttp's parser got them, it is somewhere inside."""
+        if self._held is not None:  # read meanwhile (reading resumed by someone): held too
+            self._held += data
+            return
+        if data.startswith((b"PATCH ", b"PUT ")) and not self._in_request() and self._may_receive():
+            end = data.find(b"\r\n\r\n")
+            if end >= 0 and b"\n\n" not in data[:end]:  # the head ends at the first CRLF CRLF
+                queued = len(self._messages)
+                super().data_received(data[:end + 4])
+                if len(self._messages) == queued + 1 and _chunked_upload(*self._messages[-1]):
+                    self._held = data[end + 4:]
+                    self.transport.pause_reading()
+                    return
+                data = data[end + 4:]
+        super().data_received(data)
+
+    def release_body(self) -> None:
+        """The held body goes to aiohttp's parser after all (the handler reads it as aiohttp
+        gives it, or answers without it)."""
+        if self._held is None:
+            return
+        held, self._held = self._held, None
+        super().data_received(held)
+        if self.transport is not None and not self._reading_paused:
+            self.transport.resume_reading()
+
+    def _may_receive(self) -> bool:
+        transport = self.transport
+        return transport is not None and hasattr(transport, "set_protocol") \
+            and transport.get_extra_info("sslcontext") is None and self._receiver is None
 
     def _headers_late(self) -> None:
         self._header_timer = None
@@ -116,22 +157,26 @@ class RegistryConnection(RequestHandler):
 
     def receive_body(self, request: web.BaseRequest) -> BodyReceiver | None:
         """Hand the rest of `request`'s body to a BodyReceiver (receiver.py), if it can take it:
-        a plain TCP connection, a Content-Length body with at least RECEIVE_MIN bytes still to
-        come, and nothing else of the client's read ahead of the parser. The response then
-        closes the connection (`body_received`)."""
-        transport, content = self.transport, request.content
-        if transport is None or request is not self._current_request or self._receiver is not None \
-                or request.content_length is None or "Transfer-Encoding" in request.headers \
-                or transport.get_extra_info("sslcontext") is not None \
-                or not hasattr(transport, "set_protocol") or self._messages or self._buffer_paused \
-                or content.exception() is not None or content.is_eof():
+        on a plain TCP connection, a chunked body held back from the parser (_feed), or a
+        Content-Length body with at least RECEIVE_MIN bytes still to come; nothing else of the
+        client's read ahead of the parser. Else the held body goes to the parser, and None. The
+        response then closes the connection (`body_received`)."""
+        content = request.content
+        if request is not self._current_request or not self._may_receive() or self._messages \
+                or self._buffer_paused or content.exception() is not None or content.is_eof():
+            self.release_body()
             return None
-        remaining = request.content_length - content.total_bytes
-        if remaining < RECEIVE_MIN:
+        framing: Length | Chunked
+        if self._held is not None:
+            framing, carry, self._held = Chunked(), self._held, None
+        elif request.content_length is not None and "Transfer-Encoding" not in request.headers \
+                and request.content_length - content.total_bytes >= RECEIVE_MIN:
+            carry = content.read_nowait(-1)  # what aiohttp read already, and nobody took yet
+            framing = Length(request.content_length - content.total_bytes + len(carry))
+        else:
             return None
-        carry = content.read_nowait(-1)  # what aiohttp read already
         content.feed_eof()  # for aiohttp: no body left to read (or to drain after the response)
-        self._receiver = BodyReceiver(self, remaining, carry)
+        self._receiver = BodyReceiver(self, framing, carry)
         return self._receiver
 
     def idle_since(self) -> float | None:
@@ -161,6 +206,16 @@ class RegistryConnection(RequestHandler):
             resp = internal_error()
         resp.force_close()
         return resp
+
+
+_UPLOAD_PATH = re.compile(r"/v2/.+/blobs/uploads/[^/?]+")  # the upload routes' (api/uploads.py)
+
+
+def _chunked_upload(message: Any, payload: Any) -> bool:
+    """A PATCH or PUT to an upload session with a chunked body, none of it parsed yet."""
+    return isinstance(message, RawRequestMessage) and message.method in ("PATCH", "PUT") \
+        and message.chunked and _UPLOAD_PATH.search(message.path) is not None \
+        and payload.total_bytes == 0 and not payload.is_eof()
 
 
 class RegistryServer(web.Server):

@@ -11,7 +11,10 @@ import socket
 import time
 from urllib.parse import urlparse
 
+import pytest
+
 from regserve.api.common import REGISTRY_KEY
+from regserve.receiver import BadFraming, Chunked
 
 from .conftest import digest_of, http
 
@@ -183,3 +186,99 @@ def test_received_in_place_by_a_server_process(server_factory):
     assert status == 202
     assert http("PUT", f"{server.url}{path}?digest={digest_of(BLOB)}")[0] == 201
     assert http("GET", f"{server.url}/v2/p/blobs/{digest_of(BLOB)}")[2] == BLOB
+
+
+# -- chunked bodies (docker's and podman's streamed PATCH) -------------------------------------------
+
+def _framed(data: bytes, sizes: list[int], extension: bytes = b"", trailer: bytes = b"") -> bytes:
+    out, pos, i = [], 0, 0
+    while pos < len(data):
+        n = sizes[i % len(sizes)]
+        out.append(b"%x%s\r\n%s\r\n" % (n if pos + n <= len(data) else len(data) - pos, extension, data[pos:pos + n]))
+        pos, i = pos + n, i + 1
+    return b"".join(out) + b"0\r\n" + trailer + b"\r\n"
+
+
+def _chunked_head(path: str) -> bytes:
+    return f"PATCH {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+
+
+def test_chunked_framing_is_taken_out_in_place_wherever_reads_split_it():
+    """The framing state machine alone: random frame sizes (1 byte to 100 KiB), extensions and
+    trailers, received in pieces split at random points (inside size lines and CRLFs too)."""
+    import random
+
+    rnd = random.Random(7)
+    for _ in range(60):
+        data = os.urandom(rnd.randrange(0, 300_000))
+        sizes = [rnd.choice([1, 2, 7, 4096, 32 << 10, 100_000, rnd.randrange(1, 50_000)]) for _ in range(5)]
+        wire = _framed(data, sizes, rnd.choice([b"", b";ext=1", b" ;a"]), rnd.choice([b"", b"X-T: 1\r\n"]))
+        wire += b"GET / HTTP/1.1\r\n\r\n" if rnd.random() < 0.5 else b""  # behind the body
+        framing, buf, filled, pos = Chunked(), memoryview(bytearray(len(wire))), 0, 0
+        while pos < len(wire) and not framing.done:
+            n = min(rnd.choice([1, 3, 9, 512, 70_000]), len(wire) - pos)
+            buf[filled:filled + n] = wire[pos:pos + n]  # a read lands right after the data so far
+            pos += n
+            filled = framing.unframe(buf, filled, filled + n)
+        assert framing.done and bytes(buf[:filled]) == data
+
+
+def test_chunked_framing_refuses_what_is_not_http():
+    for wire in (b"zz\r\nab\r\n", b"2\r\nabc\r\n", b"2\nab\r\n", b"-1\r\n", b"1" * 5000,
+                 b"2\r\nab\r\n0\r\nX: " + b"y" * 20000 + b"\r\n\r\n", b"1ffffffffffffffff\r\n"):
+        framing, buf = Chunked(), memoryview(bytearray(wire))
+        with pytest.raises(BadFraming):
+            framing.unframe(buf, 0, len(wire))
+
+
+async def test_a_chunked_body_is_received_in_place(client):
+    """docker's 32 KiB frames, sent with the head in one write (the first frames arrive with
+    it) and in pieces after; then frames of odd sizes with extensions and a trailer."""
+    for wire_of in (lambda b: _framed(b, [32 << 10]),
+                    lambda b: _framed(b, [1, 100_000, 7, 3 << 20], b";x=y", b"Digest: none\r\n")):
+        loc = await _start(client)
+        wire = wire_of(BLOB)
+        answer = await _raw(client.port, _chunked_head(loc) + wire[:300_000], wire[300_000:], pause=0)
+        head = answer.split(b"\r\n\r\n")[0].decode()
+        assert head.startswith("HTTP/1.1 202") and "Connection: close" in head, head
+        assert await _stored(client, loc) == len(BLOB)
+        assert (await client.put(f"{loc}?digest={digest_of(BLOB)}")).status == 201
+
+
+async def test_a_content_length_body_sent_with_its_head_is_received_whole(client):
+    """The head and the first MiBs in one write: aiohttp's parser has read part of the body
+    when the upload takes it over."""
+    loc = await _start(client)
+    answer = await _raw(client.port, _patch_head(loc, len(BLOB)) + BLOB[:3 << 20], BLOB[3 << 20:], pause=0)
+    assert answer.startswith(b"HTTP/1.1 202"), answer[:300]
+    assert (await client.put(f"{loc}?digest={digest_of(BLOB)}")).status == 201
+
+
+async def test_a_malformed_chunked_body_is_refused_and_what_came_before_kept(client):
+    loc = await _start(client)
+    good = _framed(BLOB[:3 << 20], [32 << 10])[:-5]  # without the last chunk
+    answer = await _raw(client.port, _chunked_head(loc), good + b"zz\r\nab\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") and b"BLOB_UPLOAD_INVALID" in answer, answer[:300]
+    assert 0 < await _stored(client, loc) <= 3 << 20  # the session lives on, as after a cut
+
+
+async def test_a_chunked_body_nobody_takes_goes_to_aiohttp(client):
+    """A chunked PATCH answered without its body (an unknown session): the body held back
+    for the upload is parsed as usual, and the connection serves the next request."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    wire = _framed(BLOB[:200_000], [32 << 10])
+    writer.write(_chunked_head("/v2/big/blobs/uploads/no-such-session") + wire
+                 + b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = await asyncio.wait_for(reader.readuntil(b"BLOB_UPLOAD_UNKNOWN"), 10)
+    assert first.startswith(b"HTTP/1.1 404")
+    second = await asyncio.wait_for(reader.readuntil(b"HTTP/1.1 200"), 10)
+    assert second
+    writer.close()
+
+
+async def test_a_pipelined_request_behind_a_chunked_body_is_dropped(client):
+    loc = await _start(client)
+    behind = f"DELETE {loc} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    answer = await _raw(client.port, _chunked_head(loc), _framed(BLOB, [32 << 10]) + behind)
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 202"), answer[:300]
+    assert (await client.put(f"{loc}?digest={digest_of(BLOB)}")).status == 201

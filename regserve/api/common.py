@@ -12,7 +12,7 @@ from aiohttp import StreamReader, web
 from .. import metrics
 from ..config import Config
 from ..errors import BlobUploadInvalid, PaginationInvalid
-from ..receiver import BodyReceiver
+from ..receiver import BadFraming, BodyReceiver
 from ..reference import Digest
 from ..registry import Registry, Repository
 from ..registry.uploads import ChunkRange
@@ -96,7 +96,10 @@ class RequestBody:
         """Receive into `view` until it is full or the body ends; fewer bytes also when the
         client went quiet (idle()) or away (the next call raises)."""
         assert self._receiver is not None
-        n = await self._receiver.fill(view)
+        try:
+            n = await self._receiver.fill(view)
+        except BadFraming as e:
+            raise BlobUploadInvalid(None, f"malformed chunked request body: {e}") from None
         if n == len(view):
             self._signalled = False
         self.received += n
@@ -123,6 +126,9 @@ class RequestBody:
         return self._pieces()
 
     async def _pieces(self) -> AsyncIterator[list[bytes]]:
+        release = getattr(self._request.protocol, "release_body", None)
+        if release is not None:  # a body held back for receive_directly() goes to aiohttp after all
+            release()
         content = self._content
         metrics.upload_started()
         try:
