@@ -15,6 +15,10 @@ careless clients needs, in the spirit of Go's http.Server:
   longest are closed to make room, and a new connection is closed at once if none is idle. So
   idle and stalled clients cost bounded descriptors and memory, and never lock others out.
 
+An upload's body may bypass aiohttp's parser, received straight into the upload's buffers
+(receiver.py): a chunked upload's body is held back from the parser at the end of its head for
+that, and given to the parser after all if the upload does not take it (receive_body).
+
 Requests the HTTP parser rejects (a broken request line, raw non-ASCII in the path, a header
 line over 8 KiB, TLS on the plain port) get the spec's JSON error body and a debug log line:
 they are the internet's noise, not errors of ours.

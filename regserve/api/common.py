@@ -78,7 +78,8 @@ class RequestBody:
 
     def receive_directly(self) -> bool:
         """Whether the rest of the body can come through fill() instead of iteration (a large
-        body with a known length, on a plain connection); if so it comes that way only."""
+        or chunked upload body on a plain connection: connections.py, receive_body); if so it
+        comes that way only."""
         if self._receiver is None:
             take = getattr(self._request.protocol, "receive_body", None)
             self._receiver = take(self._request) if take is not None else None
