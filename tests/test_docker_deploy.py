@@ -9,6 +9,7 @@ can run (not root, or docker.io/docker-compose/debootstrap absent outside CI).""
 from __future__ import annotations
 
 import base64
+import http.client as http_client
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +26,7 @@ import pytest
 
 from .conftest import free_port, http, require_tool
 from .test_layout_compat import Distribution
+from .test_s3 import s3_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -185,7 +188,49 @@ def wait_health(d: Dockerd, status: str = "healthy", timeout: float = 120) -> No
                          f"{logs.stderr.decode()[-3000:]}")
 
 
-def test_seed_deployment_with_docker_compose(dockerd, tmp_path):
+def serve_on_s3(d: Dockerd, work: Path, rgw: dict[str, str]) -> None:
+    """The same image on S3, configured by environment alone: a container on the host's network
+    against the tests' Ceph RGW. docker pushes a layer of a few MiB and pulls it back (through
+    the registry's 307 to a presigned RGW URL, which a plain GET of the blob gets too)."""
+    port = free_port()
+    host = f"127.0.0.1:{port}"
+    root = f"/image-{uuid.uuid4().hex[:12]}"
+    env = {**s3_env(rgw, root), "REGISTRY_HTTP_ADDR": host,
+           "REGISTRY_HTTP_DEBUG_ADDR": f"127.0.0.1:{free_port()}"}
+    d.run("run", "-d", "--name", "registry-s3", "--network", "host",
+          *[arg for k, v in env.items() for arg in ("-e", f"{k}={v}")], "regserve:test")
+    try:
+        deadline = time.time() + 60
+        while not _answers(f"http://{host}/v2/"):
+            if time.time() > deadline:
+                raise AssertionError(d.run("logs", "registry-s3", check=False).stderr.decode()[-3000:])
+            time.sleep(0.5)
+        content = os.urandom(3 << 20)
+        tiny_image(d, work, f"{host}/on/s3:v1", content)
+        d.run("push", f"{host}/on/s3:v1")
+        d.run("rmi", f"{host}/on/s3:v1")
+        d.run("pull", f"{host}/on/s3:v1")
+        assert content in image_payload(d, f"{host}/on/s3:v1")
+        _, _, body = http("GET", f"http://{host}/v2/on/s3/manifests/v1",
+                          headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+        layer = json.loads(body)["layers"][0]["digest"]
+        conn = http_client.HTTPConnection(host, timeout=30)
+        conn.request("GET", f"/v2/on/s3/blobs/{layer}")
+        r = conn.getresponse()
+        assert r.status == 307 and r.headers["Location"].startswith(rgw["S3_ENDPOINT"]), r.status
+        conn.close()
+    finally:
+        d.run("rm", "-f", "registry-s3", check=False)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return http("GET", url)[0] == 200
+    except OSError:  # not listening yet
+        return False
+
+
+def test_seed_deployment_with_docker_compose(dockerd, tmp_path, request):
     d = dockerd
     work = Path(tempfile.mkdtemp(prefix="rs-deploy-", dir=tmp_path))
     base = build_base_image(d, work)
@@ -283,6 +328,8 @@ def test_seed_deployment_with_docker_compose(dockerd, tmp_path):
         text = logs.stdout + logs.stderr
         assert b"regserve listening on" in text and b"regserve stopped" in text
         assert b"Swordfish" not in text and b"Authorization" not in text
+
+        serve_on_s3(d, work, request.getfixturevalue("rgw"))
     finally:
         compose("down", "-v", check=False)
         d.run("volume", "rm", "-f", "registry_data", "registry_auth", check=False)
