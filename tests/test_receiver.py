@@ -187,6 +187,14 @@ def test_received_in_place_by_a_server_process(server_factory):
     assert http("PUT", f"{server.url}{path}?digest={digest_of(BLOB)}")[0] == 201
     assert http("GET", f"{server.url}/v2/p/blobs/{digest_of(BLOB)}")[2] == BLOB
 
+    # 1-byte chunks, read a slice at a time (the loop turns between reads)
+    tiny = BLOB[:50_000]
+    _, headers, _ = http("POST", f"{server.url}/v2/p/blobs/uploads/")
+    path = urlparse(headers["Location"]).path
+    answer = _send_all_then_read(server.port, _chunked_head(path), _framed(tiny, [1]))
+    assert answer.startswith(b"HTTP/1.1 202"), answer[:300]
+    assert http("PUT", f"{server.url}{path}?digest={digest_of(tiny)}")[0] == 201
+
 
 # -- chunked bodies (docker's and podman's streamed PATCH) -------------------------------------------
 
@@ -282,3 +290,29 @@ async def test_a_pipelined_request_behind_a_chunked_body_is_dropped(client):
     answer = await _raw(client.port, _chunked_head(loc), _framed(BLOB, [32 << 10]) + behind)
     assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 202"), answer[:300]
     assert (await client.put(f"{loc}?digest={digest_of(BLOB)}")).status == 201
+
+
+async def test_tiny_chunks_are_read_in_small_slices(client):
+    """A body of 1-byte chunks (6 bytes of framing each) costs Python work per chunk: it is
+    read DENSE_READ at a time, so no read holds the loop for long, and it is stored right."""
+    from regserve import receiver
+
+    offered: list[int] = []
+    real = receiver.BodyReceiver.get_buffer
+
+    def spy(self, sizehint):
+        buf = real(self, sizehint)
+        offered.append(len(buf))
+        return buf
+
+    receiver.BodyReceiver.get_buffer = spy
+    try:
+        body = BLOB[:60_000]
+        loc = await _start(client)
+        answer = await _raw(client.port, _chunked_head(loc) + _framed(body, [1])[:100_000],
+                            _framed(body, [1])[100_000:], pause=0)
+        assert answer.startswith(b"HTTP/1.1 202"), answer[:300]
+    finally:
+        receiver.BodyReceiver.get_buffer = real
+    assert offered and max(offered[1:] or offered) <= receiver.DENSE_READ, offered[:10]
+    assert (await client.put(f"{loc}?digest={digest_of(body)}")).status == 201
