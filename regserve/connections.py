@@ -127,6 +127,12 @@ class RegistryConnection(RequestHandler):
         if self.transport is not None and not self._reading_paused:
             self.transport.resume_reading()
 
+    async def finish_response(self, request: Any, resp: Any, start_time: float | None) -> Any:
+        # Answered without taking a held body (an error, a route outside the API): aiohttp's
+        # parser gets it, and reads (or lingers over) it as for any request.
+        self.release_body()
+        return await super().finish_response(request, resp, start_time)
+
     def _may_receive(self) -> bool:
         transport = self.transport
         return transport is not None and hasattr(transport, "set_protocol") \

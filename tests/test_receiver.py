@@ -316,3 +316,17 @@ async def test_tiny_chunks_are_read_in_small_slices(client):
         receiver.BodyReceiver.get_buffer = real
     assert offered and max(offered[1:] or offered) <= receiver.DENSE_READ, offered[:10]
     assert (await client.put(f"{loc}?digest={digest_of(body)}")).status == 201
+
+
+async def test_a_held_body_outside_the_api_goes_to_aiohttp(aiohttp_client, app_factory):
+    """With http.prefix, a chunked PATCH to an upload path outside it is answered by the root
+    application (404): its held body still goes to aiohttp, and the connection serves the next
+    request at once (not after aiohttp's 10 s of lingering for a body that never comes)."""
+    client = await aiohttp_client(app_factory(REGISTRY_HTTP_PREFIX="/reg/"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(_chunked_head("/v2/big/blobs/uploads/some-session") + _framed(BLOB[:100_000], [32 << 10])
+                 + b"GET /reg/v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert first.startswith(b"HTTP/1.1 404"), first
+    assert await asyncio.wait_for(reader.readuntil(b"HTTP/1.1 200"), 5)
+    writer.close()

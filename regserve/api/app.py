@@ -67,9 +67,6 @@ def make_app(config: Config, registry: Registry | None = None,
         request_id_header(request, response)
         for k, v in extra:
             response.headers.add(k, v)
-        release = getattr(request.protocol, "release_body", None)
-        if release is not None:  # answered without reading a body held back for receiving in place
-            release()
         if getattr(request.protocol, "body_received", False):  # its parser is mid-body: no next request
             response.force_close()
             response.headers["Connection"] = "close"  # aiohttp wrote its own by now
