@@ -47,6 +47,7 @@ from .blobs import BlobInfo, BlobStore, RepositoryBlobs
 UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 BATCH_BYTES = 512 << 10       # handed to the hash/write threads at a time
 RECEIVED_BATCH_BYTES = 2 << 20  # the same, for a body received in place (one staging buffer)
+EARLY_HAND_OVER = 1 << 20     # or this much, when the client has sent nothing more yet
 IN_FLIGHT_BYTES = 20 << 20    # received, not written yet: bounds memory, and the tail a PATCH waits for
 WRITE_GATHER_BYTES = 8 << 20  # at most this much of what is ready is written with one call
 CHECKPOINT_BYTES = 256 << 20     # hash state saved this often within one long request
@@ -171,8 +172,8 @@ async def _receive_into(writer: FileWriter, hashers: list[hashstate.Hasher], bod
                         checkpoint: Callable[[], Awaitable[None]] | None) -> None:
     """stream_into() for a body received into the writer's staging space, BATCH_BYTES at a
     time, handed to the threads RECEIVED_BATCH_BYTES at a time (a thread handoff per 512 KiB
-    cost 9x the futex calls of one per 2 MiB, and 10% more CPU), or sooner when the next fill
-    would wait for the client: what arrived is written meanwhile. A fill is paid for (`admit`)
+    cost 9x the futex calls of one per 2 MiB, and 10% more CPU), or from EARLY_HAND_OVER on
+    when the client has sent nothing more yet: what arrived is written meanwhile. A fill is paid for (`admit`)
     once its bytes are in, so one waiting for its client holds none of the budget, and no
     client keeps others waiting by going slow or quiet; an upload holds at most one fill beyond
     the budget (where aiohttp held up to two read buffers, 2 MiB, per connection). A fill cut
@@ -205,7 +206,8 @@ async def _receive_into(writer: FileWriter, hashers: list[hashstate.Hasher], bod
             await writer.admit(n)
             if body.ended:
                 break
-            if batched >= RECEIVED_BATCH_BYTES or (n == len(space) and not body.pending()):
+            if batched >= RECEIVED_BATCH_BYTES \
+                    or (n == len(space) and batched >= EARLY_HAND_OVER and not body.pending()):
                 await hand_over()
                 if checkpoint is not None and since_checkpoint >= CHECKPOINT_BYTES:
                     await pipe.drain()
