@@ -129,8 +129,11 @@ class RegistryConnection(RequestHandler):
 
     async def finish_response(self, request: Any, resp: Any, start_time: float | None) -> Any:
         # Answered without taking a held body (an error, a route outside the API): aiohttp's
-        # parser gets it, and reads (or lingers over) it as for any request.
+        # parser gets it, and reads (or lingers over) it as for any request. A body that came
+        # through a BodyReceiver left the parser mid-body: no next request on this connection.
         self.release_body()
+        if self._receiver is not None and not resp.prepared:
+            resp.force_close()
         return await super().finish_response(request, resp, start_time)
 
     def _may_receive(self) -> bool:
@@ -159,18 +162,12 @@ class RegistryConnection(RequestHandler):
             return 0.0
         return now - self.last_data
 
-    @property
-    def body_received(self) -> bool:
-        """A body came through a BodyReceiver: aiohttp's parser is left mid-body, so the
-        response closes the connection."""
-        return self._receiver is not None
-
     def receive_body(self, request: web.BaseRequest) -> BodyReceiver | None:
         """Hand the rest of `request`'s body to a BodyReceiver (receiver.py), if it can take it:
         on a plain TCP connection, a chunked body held back from the parser (_feed), or a
         Content-Length body with at least RECEIVE_MIN bytes still to come; nothing else of the
         client's read ahead of the parser. Else the held body goes to the parser, and None. The
-        response then closes the connection (`body_received`)."""
+        response then closes the connection (finish_response)."""
         content = request.content
         if request is not self._current_request or not self._may_receive() or self._messages \
                 or self._buffer_paused or content.exception() is not None or content.is_eof():

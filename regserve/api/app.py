@@ -67,9 +67,6 @@ def make_app(config: Config, registry: Registry | None = None,
         request_id_header(request, response)
         for k, v in extra:
             response.headers.add(k, v)
-        if getattr(request.protocol, "body_received", False):  # its parser is mid-body: no next request
-            response.force_close()
-            response.headers["Connection"] = "close"  # aiohttp wrote its own by now
 
     async def close_driver(app: web.Application) -> None:
         await app[REGISTRY_KEY].driver.close()

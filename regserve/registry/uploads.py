@@ -195,13 +195,10 @@ async def _receive_into(writer: FileWriter, hashers: list[hashstate.Hasher], bod
                 await pipe.room(RECEIVED_BATCH_BYTES)
             want = min(BATCH_BYTES, RECEIVED_BATCH_BYTES - batched)
             space = writer.stage_space()
-            copying = space is None  # the writer can no longer stage in place: by copy, then
-            space = memoryview(bytearray(want)) if space is None else space[:want]
+            assert space is not None  # a writer that stages in place does so for the whole stream
+            space = space[:want]
             n = await body.fill(space)
-            if copying:
-                writer.stage(bytes(space[:n]))
-            else:
-                writer.staged(n)
+            writer.staged(n)
             batched += n
             await writer.admit(n)
             if body.ended:

@@ -110,7 +110,8 @@ class FileWriter(abc.ABC):
     def stage_space(self) -> memoryview | None:
         """Room to receive the next bytes of a body straight into, on the event loop (a socket's
         recv_into: no copy at all), to be staged with `staged(nbytes)` before anything else
-        happens to the writer; None where this writer stages by copy only (`stage`)."""
+        happens to the writer; None where this writer stages by copy only (`stage`). A writer
+        answers the same way for the whole stream."""
         return None
 
     def staged(self, nbytes: int) -> None:
