@@ -165,6 +165,9 @@ class FaultyWriter(FileWriter):
     async def admit(self, nbytes: int) -> None:
         await self._inner.admit(nbytes)
 
+    async def ready(self) -> None:
+        await self._inner.ready()
+
     async def release_staging(self) -> None:
         await self._inner.release_staging()
 

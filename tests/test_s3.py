@@ -190,6 +190,21 @@ async def test_body_bytes_of_all_writers_stay_within_the_budget(rgw):
         await take(n)
         peak = max(peak, driver.buffers.used)
     driver.buffers.take = watched_take  # type: ignore[method-assign]
+    whole_parts = peak_whole_parts = 0  # bytes in part buffers from the pool, in use
+    get, put = driver.parts.get, driver.parts.put
+
+    def watched_get(size: int) -> bytearray:
+        nonlocal whole_parts, peak_whole_parts
+        whole_parts += size
+        peak_whole_parts = max(peak_whole_parts, whole_parts)
+        return get(size)
+
+    def watched_put(buffer: bytearray) -> None:
+        nonlocal whole_parts
+        if len(buffer) == 5 << 20:
+            whole_parts -= len(buffer)
+        put(buffer)
+    driver.parts.get, driver.parts.put = watched_get, watched_put  # type: ignore[method-assign]
     blobs = [os.urandom((12 << 20) + i) for i in range(6)]
 
     threads = ThreadPoolExecutor(2)  # fewer writing threads than writers, as the upload pipeline has
@@ -200,12 +215,16 @@ async def test_body_bytes_of_all_writers_stay_within_the_budget(rgw):
         writer = await driver.append(f"/up/{i}/data")
         for start in range(0, len(blobs[i]), 700_000):  # batches that straddle parts' ends
             piece = blobs[i][start:start + 700_000]
-            await writer.admit(len(piece))  # as the upload pipeline does, on the loop
+            await writer.ready()  # as the upload pipeline does, on the loop
+            await writer.admit(len(piece))
             await loop.run_in_executor(threads, writer.write_from_thread, [piece], loop)
         await writer.commit(f"/blobs/{i}", len(blobs[i]))
     try:
         await asyncio.wait_for(asyncio.gather(*(push(i) for i in range(6))), 120)  # no deadlock
         assert peak <= 10 << 20 and driver.buffers.used == 0
+        # A part gets a whole buffer only once the budget covers it: one that a straddling
+        # batch started early grows as bytes come (six writers with a whole part each: 30 MiB)
+        assert 5 << 20 <= peak_whole_parts <= 10 << 20
         for i, blob in enumerate(blobs):
             assert await driver.get_content(f"/blobs/{i}") == blob
     finally:
@@ -329,6 +348,41 @@ async def test_every_multipart_upload_has_equal_parts_as_parts_grow(rgw, monkeyp
         writer = await driver.append("/up/data")
         await writer.commit("/blob", len(blob))
         assert await driver.get_content("/blob") == blob
+        assert driver.buffers.used == 0
+    finally:
+        await driver.close()
+
+
+def test_part_buffers_are_reused_up_to_what_they_keep():
+    from regserve.storage.s3 import PartBuffers
+    parts = PartBuffers(keep=16)
+    a, b, c = parts.get(8), parts.get(8), parts.get(8)
+    for buffer in (a, b, c):
+        parts.put(buffer)  # the third is over what is kept: dropped
+    parts.put(bytearray(5))  # a part grown in place, of a size never handed out: dropped
+    again = [parts.get(8), parts.get(8), parts.get(8)]
+    assert {id(x) for x in again[:2]} == {id(a), id(b)} and again[2] is not c
+    assert parts.get(5) is not None and len(parts.get(5)) == 5
+
+
+async def test_a_push_waits_for_room_before_its_body_is_read(rgw):
+    """ready(), which the upload pipeline awaits before it reads on, waits while the budget is
+    spent: a waiting push holds none of its body (32 pushes on one worker no longer hold a
+    batch each beyond the budget)."""
+    from regserve.storage.budget import ByteBudget
+    driver = _driver(rgw, "ready")
+    driver.buffers = ByteBudget(5 << 20)  # one part
+    try:
+        for i in (1, 2):
+            await driver.put_content(f"/up{i}/startedat", b"x")
+        first, second = await driver.append("/up1/data"), await driver.append("/up2/data")
+        await first.ready()
+        waiting = asyncio.ensure_future(second.ready())
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and driver.buffers.used == 5 << 20
+        await first.close()  # nothing came: its room goes back
+        await asyncio.wait_for(waiting, 5)
+        await second.close()
         assert driver.buffers.used == 0
     finally:
         await driver.close()

@@ -133,6 +133,7 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher],
     if hasattr(body, "on_idle"):
         body.on_idle = on_idle
     try:
+        await writer.ready()
         async for pieces in body:
             batch += pieces
             batched += sum(map(len, pieces))
@@ -141,6 +142,7 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher],
             if batched >= BATCH_BYTES:
                 async with handing:
                     await hand_over()
+                    await writer.ready()
                     if checkpoint is not None and since_checkpoint >= CHECKPOINT_BYTES:
                         assert pipe is not None
                         await pipe.drain()

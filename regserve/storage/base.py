@@ -137,6 +137,11 @@ class FileWriter(abc.ABC):
         staging buffers) waits here for room in a budget its writers share (storage/budget.py),
         so the body is not read further meanwhile; no pool thread is held while waiting."""
 
+    async def ready(self) -> None:
+        """Called on the event loop before the pipeline reads on in a body, for a driver that
+        wants room in its budget before bytes arrive rather than after (S3: a push waiting for
+        room then holds none of its body; `admit` still counts what came)."""
+
     async def release_staging(self) -> None:
         """The stream has gone quiet: write out what staging holds and give its buffers back
         (staging starts again with the next piece). On the event loop, with nothing in flight."""

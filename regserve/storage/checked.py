@@ -130,6 +130,7 @@ class _Writer(FileWriter):
         self.take_staged = inner.take_staged  # type: ignore[method-assign]
         self.release_staging = inner.release_staging  # type: ignore[method-assign]
         self.admit = inner.admit  # type: ignore[method-assign]
+        self.ready = inner.ready  # type: ignore[method-assign]
 
     @property
     def size(self) -> int:  # type: ignore[override]

@@ -82,6 +82,31 @@ def _missing(e: ClientError) -> bool:
     return _code(e) in _MISSING
 
 
+class PartBuffers:
+    """Part buffers, reused: a part is filled in place (not grown by reallocation, which faulted
+    fresh pages in for every part and cost as much CPU as SHA-256) and sent as a view of it (no
+    copy in the HTTP client). A buffer comes back once S3 has its part; up to `keep` bytes of
+    them wait idle for the next part (the budget's worth: what pushes held at once anyway)."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._idle: dict[int, list[bytearray]] = {}  # by size: only sizes handed out (a part
+        self._idle_bytes = 0                          # grown in place may be any)
+
+    def get(self, size: int) -> bytearray:
+        idle = self._idle.setdefault(size, [])
+        if idle:
+            self._idle_bytes -= size
+            return idle.pop()
+        return bytearray(size)
+
+    def put(self, buffer: bytearray) -> None:
+        idle = self._idle.get(len(buffer))
+        if idle is not None and self._idle_bytes + len(buffer) <= self._keep:
+            idle.append(buffer)
+            self._idle_bytes += len(buffer)
+
+
 class S3Driver(StorageDriver):
     name = "s3"
     timestamp_resolution = 1.0  # LastModified is in whole seconds
@@ -105,6 +130,7 @@ class S3Driver(StorageDriver):
         self._copy_parallel = max(1, int(multipartcopymaxconcurrency or COPY_PARALLEL))
         self._copy_threshold = min(SINGLE_COPY_MAX, int(multipartcopythresholdsize or SINGLE_COPY_MAX))
         self.buffers = ByteBudget(max(BUFFER_BUDGET, 2 * self._part))
+        self.parts = PartBuffers(self.buffers.limit)
         # What every object written gets: distribution's storageclass and encrypt/keyid.
         self._extra: dict[str, str] = {}
         if storageclass and storageclass != "NONE":
@@ -123,8 +149,11 @@ class S3Driver(StorageDriver):
             "verify": False if skipverify else None,
             # No SHA-256 of each body for the signature (botocore would compute it on the event
             # loop, over plain HTTP always): uploads are hashed by the registry as they arrive.
+            # No parameter validation: it refuses a memoryview as a body, and parts are sent as
+            # views of their buffers (the calls here are fixed, not user input).
             "config": BotoConfig(s3={"addressing_style": "path" if forcepathstyle else "auto",
                                      "payload_signing_enabled": False},
+                                 parameter_validation=False,
                                  retries={"max_attempts": 5, "mode": "standard"},
                                  request_checksum_calculation="when_required",
                                  response_checksum_validation="when_required",
@@ -562,8 +591,9 @@ class S3Writer(FileWriter):
         self._segments, self._private = list(segments), private
         self._start = start
         self.size = start
-        self._buffer = bytearray()  # the part being filled, grown as bytes come (a writer waiting
-                                    # for room holds only what it has, not a whole part)
+        self._buffer: bytearray | None = None  # the part being filled, and its bytes so far
+        self._filled = 0
+        self._pooled = False  # the buffer is a whole part's, from driver.parts (see _part_buffer)
         self._upload: str | None = None
         self._parts: list[dict] = []
         self._part_size = driver._part
@@ -575,6 +605,11 @@ class S3Writer(FileWriter):
         self._unsent = 0        # admitted bytes S3 does not have yet
         self._error: BaseException | None = None
 
+    async def ready(self) -> None:
+        while self._unsent >= self._held:  # see admit
+            await self._driver.buffers.take(self._part_size)
+            self._held += self._part_size
+
     async def admit(self, nbytes: int) -> None:
         # A new part's worth is taken, whole, only once the bytes admitted so far fill what is
         # held: those bytes then make up whole parts, which go to S3 and give their budget back
@@ -582,9 +617,7 @@ class S3Writer(FileWriter):
         # batch that straddles a part's end, deadlocked: every holder waiting for room that
         # only its own unfinished part would free.) A batch may so run past what is held by
         # less than itself.
-        while self._unsent >= self._held:
-            await self._driver.buffers.take(self._part_size)
-            self._held += self._part_size
+        await self.ready()
         self._admitted += nbytes
         self._unsent += nbytes
 
@@ -598,15 +631,18 @@ class S3Writer(FileWriter):
         if self._error is not None:
             raise self._error
         for chunk in chunks:
-            view = memoryview(chunk)
+            view = memoryview(chunk).cast("B")
             while view:
-                n = min(self._part_size - len(self._buffer), len(view))
+                n = min(self._part_size - self._filled, len(view))
                 if self.size + n > self._admitted:  # not from the pipeline, which admits first
                     await self.admit(self.size + n - self._admitted)
-                self._buffer += view[:n]
+                self._part_buffer()
+                assert self._buffer is not None
+                self._buffer[self._filled:self._filled + n] = view[:n]
+                self._filled += n
                 self.size += n
                 view = view[n:]
-                if len(self._buffer) == self._part_size:
+                if self._filled == self._part_size:
                     await self._send(self._take_partial())
                     if self._numbered % PARTS_PER_SEGMENT == 0:
                         if self._private:
@@ -614,12 +650,30 @@ class S3Writer(FileWriter):
                         else:
                             await self._next_segment(grow=True)
 
-    def _take_partial(self) -> bytearray:
-        """What the part being filled holds; the writer starts a new one."""
-        data, self._buffer = self._buffer, bytearray()
-        return data
+    def _part_buffer(self) -> None:
+        """Give the part being filled a whole part's buffer from the pool once the budget covers
+        the part (bytes already in it move over). Until then, which happens after a batch that
+        straddles a part's end ran past what is held (see admit), the part grows as bytes come:
+        every waiting push holding a whole uncovered part grew 32 pushes by 170 MB."""
+        if self._pooled:
+            return
+        in_parts_sent = self._unsent - self._filled - (self._admitted - self.size)
+        if self._held - in_parts_sent >= self._part_size:
+            buffer = self._driver.parts.get(self._part_size)
+            if self._filled:
+                assert self._buffer is not None
+                buffer[:self._filled] = self._buffer
+            self._buffer, self._pooled = buffer, True
+        elif self._buffer is None:
+            self._buffer = bytearray()
 
-    async def _send(self, part: bytearray) -> None:
+    def _take_partial(self) -> tuple[bytearray | None, int]:
+        """The part being filled and its length; the writer starts a new one."""
+        taken = (self._buffer, self._filled)
+        self._buffer, self._filled, self._pooled = None, 0, False
+        return taken
+
+    async def _send(self, part: tuple[bytearray | None, int]) -> None:
         """Upload `part` in the background, with up to PARALLEL_PARTS in flight: receiving and
         hashing go on while parts travel."""
         s3 = await self._driver._s3()
@@ -631,10 +685,12 @@ class S3Writer(FileWriter):
         while len(self._inflight) >= PARALLEL_PARTS:
             await self._settle(asyncio.FIRST_COMPLETED)
 
-    async def _upload_part(self, upload: str, number: int, part: bytearray) -> None:
+    async def _upload_part(self, upload: str, number: int, part: tuple[bytearray | None, int]) -> None:
+        buffer, length = part
         try:
             r = await (await self._driver._s3()).upload_part(
-                Bucket=self._driver.bucket, Key=self._target, UploadId=upload, PartNumber=number, Body=part)
+                Bucket=self._driver.bucket, Key=self._target, UploadId=upload, PartNumber=number,
+                Body=memoryview(buffer or b"")[:length])
             self._parts.append({"PartNumber": number, "ETag": r["ETag"]})
         except BaseException as e:
             # Completing the upload now would publish the segment with this part's bytes
@@ -643,8 +699,10 @@ class S3Writer(FileWriter):
             self._error = self._error or e
             raise
         finally:
-            self._unsent -= min(len(part), self._unsent)
-            self._give(min(len(part), self._held))
+            if buffer is not None:
+                self._driver.parts.put(buffer)
+            self._unsent -= min(length, self._unsent)
+            self._give(min(length, self._held))
 
     async def _settle(self, when: str = asyncio.ALL_COMPLETED) -> None:
         """Wait for parts in flight (one, or all); a part that failed fails the writer."""
@@ -658,14 +716,16 @@ class S3Writer(FileWriter):
         """Make what was written an object at the target: the last part, or one PUT."""
         s3 = await self._driver._s3()
         if self._upload is None:
-            data = self._take_partial()
+            buffer, length = self._take_partial()
             try:
-                await s3.put_object(Bucket=self._driver.bucket, Key=self._target, Body=data,
-                                    **self._driver._extra)
+                await s3.put_object(Bucket=self._driver.bucket, Key=self._target,
+                                    Body=memoryview(buffer or b"")[:length], **self._driver._extra)
             finally:
-                self._unsent -= min(len(data), self._unsent)
+                if buffer is not None:
+                    self._driver.parts.put(buffer)
+                self._unsent -= min(length, self._unsent)
         else:
-            if self._buffer:
+            if self._filled:
                 await self._send(self._take_partial())
             await self._settle()
             parts = sorted(self._parts, key=lambda p: p["PartNumber"])
@@ -747,7 +807,9 @@ class S3Writer(FileWriter):
 
     async def cancel(self) -> None:
         self._done = True
-        self._take_partial()
+        buffer, _ = self._take_partial()
+        if buffer is not None:
+            self._driver.parts.put(buffer)
         for task in self._inflight:
             task.cancel()  # each gives its budget back
         await asyncio.gather(*self._inflight, return_exceptions=True)
@@ -772,7 +834,7 @@ class S3Writer(FileWriter):
             await self.cancel()
             return True
         if self._private:
-            if self._upload is not None or self._buffer:
+            if self._upload is not None or self._filled:
                 await self._publish()  # kept as a temporary: purged if never committed
             return True
         if not await self._keepable():
