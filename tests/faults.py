@@ -152,6 +152,9 @@ class FaultyWriter(FileWriter):
     def stage_space(self) -> memoryview | None:
         return self._inner.stage_space()
 
+    def stages_in_place(self) -> bool:
+        return self._inner.stages_in_place()
+
     def staged(self, nbytes: int) -> None:
         self._inner.staged(nbytes)
 
@@ -167,6 +170,9 @@ class FaultyWriter(FileWriter):
 
     async def ready(self) -> None:
         await self._inner.ready()
+
+    def ready_now(self) -> bool:
+        return self._inner.ready_now()
 
     async def release_staging(self) -> None:
         await self._inner.release_staging()

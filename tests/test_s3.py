@@ -168,7 +168,8 @@ def test_skopeo_pulls_through_the_redirects(rgw, server_factory, tmp_path):
     assert "http.response.status=307" in log  # the layers came from the engine
 
 
-async def test_body_bytes_of_all_writers_stay_within_the_budget(rgw):
+@pytest.mark.parametrize("in_place", [False, True], ids=["copied", "received-in-place"])
+async def test_body_bytes_of_all_writers_stay_within_the_budget(rgw, in_place):
     """Concurrent writers wait for room before they take more of a body, rather than grow the
     process: at no time do the bytes they hold (staged, filling a part, parts in flight) exceed
     the budget; with the pipeline's shared writing threads fewer than the writers, no writer
@@ -213,6 +214,10 @@ async def test_body_bytes_of_all_writers_stay_within_the_budget(rgw):
         loop = asyncio.get_running_loop()
         await driver.put_content(f"/up/{i}/startedat", b"x")
         writer = await driver.append(f"/up/{i}/data")
+        if in_place:  # fills end at parts' ends; receiving runs ahead of writing
+            await _received_in_place(writer, blobs[i], lag=2)
+            await writer.commit(f"/blobs/{i}", len(blobs[i]))
+            return
         for start in range(0, len(blobs[i]), 700_000):  # batches that straddle parts' ends
             piece = blobs[i][start:start + 700_000]
             await writer.ready()  # as the upload pipeline does, on the loop
@@ -321,9 +326,36 @@ def _driver(rgw: dict[str, str], name: str) -> Any:
                     chunksize=5 << 20)
 
 
-async def test_every_multipart_upload_has_equal_parts_as_parts_grow(rgw, monkeypatch):
+async def _received_in_place(writer: Any, blob: bytes, fill: int = 700_000, lag: int = 4) -> None:
+    """Feed `blob` as the upload pipeline feeds a body received in place: room, a fill straight
+    into stage_space(), staged, admitted, hashed from take_staged()'s views; the writing comes
+    `lag` fills later, so receiving runs ahead into the next parts' buffers."""
+    pending: list[Any] = []
+    pos = 0
+    while pos < len(blob):
+        while pending and not writer.ready_now():  # as the pipeline hands its batch over first
+            await writer.write(pending.pop(0))
+        await writer.ready()
+        space = writer.stage_space()
+        n = min(len(space), fill, len(blob) - pos)
+        space[:n] = blob[pos:pos + n]
+        writer.staged(n)
+        await writer.admit(n)
+        data, staged = writer.take_staged()
+        assert b"".join(bytes(d) for d in data) == blob[pos:pos + n]
+        pos += n
+        pending.append(staged)
+        if len(pending) > lag:
+            await writer.write(pending.pop(0))
+    for staged in pending:
+        await writer.write(staged)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["copied", "received-in-place"])
+async def test_every_multipart_upload_has_equal_parts_as_parts_grow(rgw, monkeypatch, in_place):
     """Parts grow so that 10,000 reach far, yet each multipart upload keeps one part size (R2
-    refuses unequal ones): a writer moves to a new segment when its parts double."""
+    refuses unequal ones): a writer moves to a new segment when its parts double. Received in
+    place, a part received ahead that starts the next segment gets that segment's size."""
     monkeypatch.setattr(s3, "PARTS_PER_SEGMENT", 2)
     driver = _driver(rgw, "segments")
     sizes: dict[str, set[int]] = {}
@@ -338,8 +370,11 @@ async def test_every_multipart_upload_has_equal_parts_as_parts_grow(rgw, monkeyp
         await driver.put_content("/up/startedat", b"x")
         writer = await driver.append("/up/data")
         blob = os.urandom((35 << 20) + 3)
-        for start in range(0, len(blob), 1 << 20):
-            await writer.write([blob[start:start + (1 << 20)]])
+        if in_place:
+            await _received_in_place(writer, blob)
+        else:
+            for start in range(0, len(blob), 1 << 20):
+                await writer.write([blob[start:start + (1 << 20)]])
         await writer.close()
         segments = await driver._segments(driver._key("/up/data"))
         assert [size for _, size, _ in segments] == [10 << 20, 20 << 20, (5 << 20) + 3]

@@ -97,7 +97,7 @@ async def stream_into(writer: FileWriter, hashers: list[hashstate.Hasher],
     the end, also when the client goes away mid-body: every byte that arrived is kept. A body
     that says its client went quiet (`on_idle`, see api.common.RequestBody) gets everything
     received so far written, and the writer's staging buffers given back, until more arrives."""
-    if hasattr(body, "receive_directly") and writer.stage_space() is not None and body.receive_directly():
+    if hasattr(body, "receive_directly") and writer.stages_in_place() and body.receive_directly():
         await _receive_into(writer, hashers, body, checkpoint)
         return
     pipe: _Pipeline | None = None  # threads start once the body outgrows one batch
@@ -193,8 +193,11 @@ async def _receive_into(writer: FileWriter, hashers: list[hashstate.Hasher], bod
 
     try:
         while True:
+            if batched and not writer.ready_now():
+                await hand_over()  # what frees the writer's room may be in this batch
             if not batched:
                 await pipe.room(RECEIVED_BATCH_BYTES)
+                await writer.ready()
             want = min(BATCH_BYTES, RECEIVED_BATCH_BYTES - batched)
             space = writer.stage_space()
             assert space is not None  # a writer that stages in place does so for the whole stream

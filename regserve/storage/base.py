@@ -114,6 +114,10 @@ class FileWriter(abc.ABC):
         answers the same way for the whole stream."""
         return None
 
+    def stages_in_place(self) -> bool:
+        """Whether a body may be received into stage_space() (asked once, before a stream)."""
+        return self.stage_space() is not None
+
     def staged(self, nbytes: int) -> None:
         """The first `nbytes` of the last `stage_space()` hold body bytes: stage them."""
         raise NotImplementedError
@@ -141,6 +145,12 @@ class FileWriter(abc.ABC):
         """Called on the event loop before the pipeline reads on in a body, for a driver that
         wants room in its budget before bytes arrive rather than after (S3: a push waiting for
         room then holds none of its body; `admit` still counts what came)."""
+
+    def ready_now(self) -> bool:
+        """Whether ready() would return at once. A caller holding body bytes it has not handed
+        to the writing yet hands them over before it awaits ready(): they may be what frees
+        the room."""
+        return True
 
     async def release_staging(self) -> None:
         """The stream has gone quiet: write out what staging holds and give its buffers back

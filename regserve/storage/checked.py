@@ -126,11 +126,13 @@ class _Writer(FileWriter):
         self._driver, self._inner = driver, inner
         self.stage = inner.stage  # type: ignore[method-assign]  # per piece: no wrapping
         self.stage_space = inner.stage_space  # type: ignore[method-assign]
+        self.stages_in_place = inner.stages_in_place  # type: ignore[method-assign]
         self.staged = inner.staged  # type: ignore[method-assign]
         self.take_staged = inner.take_staged  # type: ignore[method-assign]
         self.release_staging = inner.release_staging  # type: ignore[method-assign]
         self.admit = inner.admit  # type: ignore[method-assign]
         self.ready = inner.ready  # type: ignore[method-assign]
+        self.ready_now = inner.ready_now  # type: ignore[method-assign]
 
     @property
     def size(self) -> int:  # type: ignore[override]

@@ -7,7 +7,7 @@ How the contract maps onto an object store:
 * An appended object (an upload's data) is a series of **segments**, one per writer, at
   `<key>/.seg/<offset, 20 digits>-<writer>`; its size is their sum (two writers appending at
   once, which the caller's lock forbids, show as two segments at one offset: no commit then).
-  A writer streams its segment as a multipart upload (at most one part buffered, PART_SIZE
+  A writer streams its segment as a multipart upload (its body bytes within a budget, PART_SIZE
   doubling every 1,000 parts so that 10,000 reach far past 5 TiB) and publishes it when it
   closes, so a client cut off loses only what was not in a closed segment, and the size says
   so. `commit` publishes the segments as one object with a multipart upload of server-side part
@@ -575,10 +575,24 @@ class S3Driver(StorageDriver):
             await entry[0].__aexit__(None, None, None)
 
 
+class _Received:
+    """Body bytes received in place into a part buffer (stage_space), which the writer then
+    only counts as written: the pipeline hashed them there."""
+
+    __slots__ = ("buffer", "start", "length")
+
+    def __init__(self, buffer: bytearray, start: int, length: int) -> None:
+        self.buffer, self.start, self.length = buffer, start, length
+
+    def __len__(self) -> int:
+        return self.length
+
+
 class S3Writer(FileWriter):
     """Streams one object (a private one, or an appended object's segments) as multipart
-    uploads, at most one part being filled. Every body byte it holds is covered by the driver's
-    process-wide budget (`admit`). An appended object's writer ends a segment and starts the
+    uploads, one part being filled (by copy, or by the socket itself: stage_space), parts in
+    flight sent as views of their pooled buffers. Every body byte it holds is covered by the
+    driver's process-wide budget (`ready`, `admit`). An appended object's writer ends a segment and starts the
     next when its client goes quiet (what arrived becomes durable, and the budget goes back)
     and every PARTS_PER_SEGMENT parts (the next segment's parts are twice as large, so each
     multipart upload has equal parts but its last, as R2 requires, and 10,000 parts of the
@@ -594,6 +608,11 @@ class S3Writer(FileWriter):
         self._buffer: bytearray | None = None  # the part being filled, and its bytes so far
         self._filled = 0
         self._pooled = False  # the buffer is a whole part's, from driver.parts (see _part_buffer)
+        # A body received in place (stage_space) fills the part's buffer ahead of the writing:
+        # `_received` bytes of it, then whole buffers of the next parts ([buffer, received]).
+        self._received = 0
+        self._ahead: list[list[Any]] = []
+        self._in_place: list[_Received] = []  # staged, not yet taken
         self._upload: str | None = None
         self._parts: list[dict] = []
         self._part_size = driver._part
@@ -605,8 +624,11 @@ class S3Writer(FileWriter):
         self._unsent = 0        # admitted bytes S3 does not have yet
         self._error: BaseException | None = None
 
+    def ready_now(self) -> bool:
+        return self._unsent < self._held
+
     async def ready(self) -> None:
-        while self._unsent >= self._held:  # see admit
+        while not self.ready_now():  # see admit
             await self._driver.buffers.take(self._part_size)
             self._held += self._part_size
 
@@ -625,12 +647,63 @@ class S3Writer(FileWriter):
         self._held -= n
         self._driver.buffers.give(n)
 
-    async def write(self, chunks: Sequence[bytes]) -> None:
+    # -- a body received in place: into the part buffers, then counted as written -------------
+
+    def stages_in_place(self) -> bool:
+        return True  # without taking a buffer, as stage_space() would, before the budget covers it
+
+    def stage_space(self) -> memoryview:
+        """The rest of the buffer receiving now, or a new part's buffer once it is full. The
+        pipeline awaits ready() first, so the budget covers a new part (whole parts are all
+        that is unsent then). A part that starts the next segment gets that segment's size."""
+        if self._ahead:
+            buffer, used = self._ahead[-1]
+        else:
+            if self._buffer is None:
+                self._buffer, self._pooled, self._received = self._driver.parts.get(self._part_size), True, 0
+            buffer, used = self._buffer, self._received
+        if used < len(buffer):
+            return memoryview(buffer)[used:]
+        number = self._numbered + 2 + len(self._ahead)  # the new buffer's part, in this segment
+        size = self._part_size * (2 if number > PARTS_PER_SEGMENT else 1)
+        self._ahead.append([self._driver.parts.get(size), 0])
+        return memoryview(self._ahead[-1][0])
+
+    def staged(self, nbytes: int) -> None:
+        if self._ahead:
+            entry = self._ahead[-1]
+            buffer, start = entry
+            entry[1] += nbytes
+        else:
+            assert self._buffer is not None
+            buffer, start = self._buffer, self._received
+            self._received += nbytes
+        self._in_place.append(_Received(buffer, start, nbytes))
+
+    def take_staged(self) -> tuple[Sequence[bytes | memoryview], Sequence[Any]]:
+        if not self._in_place:
+            return super().take_staged()
+        taken, self._in_place = self._in_place, []
+        return [memoryview(r.buffer)[r.start:r.start + r.length] for r in taken], taken
+
+    async def _written_in_place(self, received: _Received) -> None:
+        assert received.buffer is self._buffer and received.start == self._filled, "written out of order"
+        self._filled += received.length
+        self.size += received.length
+        if self._filled == len(received.buffer):
+            await self._part_filled()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def write(self, chunks: Sequence[Any]) -> None:
         if self._done:
             raise ValueError("write to a closed writer")
         if self._error is not None:
             raise self._error
         for chunk in chunks:
+            if isinstance(chunk, _Received):
+                await self._written_in_place(chunk)
+                continue
             view = memoryview(chunk).cast("B")
             while view:
                 n = min(self._part_size - self._filled, len(view))
@@ -643,12 +716,15 @@ class S3Writer(FileWriter):
                 self.size += n
                 view = view[n:]
                 if self._filled == self._part_size:
-                    await self._send(self._take_partial())
-                    if self._numbered % PARTS_PER_SEGMENT == 0:
-                        if self._private:
-                            self._part_size *= 2  # one upload: its parts grow (private objects are small)
-                        else:
-                            await self._next_segment(grow=True)
+                    await self._part_filled()
+
+    async def _part_filled(self) -> None:
+        await self._send(self._take_partial())
+        if self._numbered % PARTS_PER_SEGMENT == 0:
+            if self._private:
+                self._part_size *= 2  # one upload: its parts grow (private objects are small)
+            else:
+                await self._next_segment(grow=True)
 
     def _part_buffer(self) -> None:
         """Give the part being filled a whole part's buffer from the pool once the budget covers
@@ -667,10 +743,21 @@ class S3Writer(FileWriter):
         elif self._buffer is None:
             self._buffer = bytearray()
 
+    def _all_written(self) -> None:
+        """Before a segment ends but at a part's end (a client gone quiet, the writer closing):
+        the pipeline has written every byte received in place."""
+        if self._ahead or self._received > self._filled:
+            raise RuntimeError("body bytes received in place were not written")
+
     def _take_partial(self) -> tuple[bytearray | None, int]:
-        """The part being filled and its length; the writer starts a new one."""
+        """The part being filled and its length; the writer starts a new one (with the bytes
+        received ahead for it, if any)."""
         taken = (self._buffer, self._filled)
-        self._buffer, self._filled, self._pooled = None, 0, False
+        if self._ahead:
+            (self._buffer, self._received), self._pooled = self._ahead.pop(0), True
+        else:
+            self._buffer, self._received, self._pooled = None, 0, False
+        self._filled = 0
         return taken
 
     async def _send(self, part: tuple[bytearray | None, int]) -> None:
@@ -762,6 +849,7 @@ class S3Writer(FileWriter):
         if self._private or self._done or self._error is not None:
             return
         try:
+            self._all_written()
             await self._next_segment(grow=False)
         except Exception as e:  # noqa: BLE001 - the body's next write or the commit raises it
             self._error = e
@@ -807,8 +895,8 @@ class S3Writer(FileWriter):
 
     async def cancel(self) -> None:
         self._done = True
-        buffer, _ = self._take_partial()
-        if buffer is not None:
+        while self._buffer is not None:  # the part being filled, and those received ahead
+            buffer, _ = self._take_partial()
             self._driver.parts.put(buffer)
         for task in self._inflight:
             task.cancel()  # each gives its budget back
@@ -833,6 +921,7 @@ class S3Writer(FileWriter):
         if self._error is not None:  # a part or a segment's end failed: what it holds is not kept
             await self.cancel()
             return True
+        self._all_written()
         if self._private:
             if self._upload is not None or self._filled:
                 await self._publish()  # kept as a temporary: purged if never committed
