@@ -526,11 +526,11 @@ def test_kill_9_mid_patch_on_s3_resumes_on_another_replica_from_the_durable_offs
     assert status == 200 and got == blob
 
 
-async def test_segments_of_every_size_assemble_reading_only_small_runs(rgw):
-    """A commit joins an upload's segments server-side: runs of segments under S3's 5 MiB part
-    minimum are read and sent again, and a large segment after such a run lends it only its
-    head (never read whole); with distribution's multipartcopy* keys set, large segments are
-    copied in parts of that size, a short tail joining the part before it."""
+async def test_segments_of_every_size_assemble_in_equal_parts(rgw):
+    """A commit joins an upload's segments in parts of one size but the last (R2 refuses
+    others; distribution's multipartcopychunksize sets the size): a part within one segment is
+    copied server-side, only a part that spans segments is read and sent again (never more
+    than a part at once)."""
     from regserve.storage.s3 import S3Driver
     driver = S3Driver(rgw["S3_BUCKET"], regionendpoint=rgw["S3_ENDPOINT"], accesskey=rgw["S3_ACCESS_KEY"],
                       secretkey=rgw["S3_SECRET_KEY"], rootdirectory=f"/assemble-{uuid.uuid4().hex[:12]}",
@@ -543,7 +543,21 @@ async def test_segments_of_every_size_assemble_reading_only_small_runs(rgw):
         reads.append(len(data))
         return data
     driver._read_key = recorded  # type: ignore[method-assign]
+    parts: dict[int, int] = {}  # the joined object's parts: number -> size
     try:
+        client = await driver._s3()
+        upload_part, upload_part_copy = client.upload_part, client.upload_part_copy
+
+        async def sent(**kw: Any) -> Any:
+            if kw["Key"].endswith("/blob"):
+                parts[kw["PartNumber"]] = len(kw["Body"])
+            return await upload_part(**kw)
+
+        async def copied(**kw: Any) -> Any:
+            first, last = map(int, kw["CopySourceRange"].removeprefix("bytes=").split("-"))
+            parts[kw["PartNumber"]] = last - first + 1
+            return await upload_part_copy(**kw)
+        client.upload_part, client.upload_part_copy = sent, copied
         await driver.put_content("/up/startedat", b"x")
         writer = await driver.append("/up/data")
         sizes = [1 << 20, 12 << 20, 2 << 20, (6 << 20) + 1, 3 << 20]
@@ -556,7 +570,9 @@ async def test_segments_of_every_size_assemble_reading_only_small_runs(rgw):
         assert [s for _, s, _ in await driver._segments(driver._key("/up/data"))] == sizes
         await writer.commit("/blob", len(blob))
         assert await driver.get_content("/blob") == blob
-        assert reads and max(reads) < 10 << 20
+        # 5 MiB parts: [seg 0 + head of 1] [in 1] [tail of 1 + seg 2] [in 3] [rest of 3 + seg 4]
+        assert [parts[n] for n in sorted(parts)] == [5 << 20] * 4 + [(4 << 20) + 1]
+        assert sum(reads) == 3 * (5 << 20) - (1 << 20) + 1 and max(reads) <= 4 << 20
     finally:
         await driver.close()
 

@@ -44,7 +44,10 @@ from .budget import ByteBudget
 
 MIN_PART = 5 << 20          # S3's smallest part (but the last)
 PART_SIZE = 8 << 20         # a writer's first part size (distribution: 10 MiB); doubles every 1,000 parts
-COPY_PART = 1 << 30         # server-side copies move at most this a part
+COPY_PART = 1 << 30         # server-side copies of one object move at most this a part
+ASSEMBLY_PART = 32 << 20    # the part size joining an upload's segments (a part that spans two is
+                            # read and sent again): distribution's multipartcopychunksize
+MAX_PARTS = 10_000
 COPY_PARALLEL = 8           # parts of one server-side copy in flight
 SINGLE_COPY_MAX = 5 << 30   # CopyObject's limit; above it, a multipart copy
 PARALLEL_PARTS = 6         # parts of one writer in flight at once
@@ -63,15 +66,6 @@ def _content_md5(request: Any, **_: Any) -> None:
     MinIO-derived ones) still refuse a DeleteObjects without it (botocore sends a CRC32 only)."""
     body = request.body if isinstance(request.body, bytes) else bytes(request.body or b"")
     request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
-
-
-def _copy_ranges(size: int, part: int) -> list[tuple[int, int]]:
-    """Inclusive byte ranges of `part` bytes covering `size`; a short tail (under S3's 5 MiB
-    part minimum, which only an object's last part may break) joins the range before it."""
-    ranges = [(start, min(size, start + part) - 1) for start in range(0, size, part)]
-    if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] + 1 < MIN_PART:
-        ranges[-2:] = [(ranges[-2][0], ranges[-1][1])]
-    return ranges
 
 
 def _code(e: ClientError) -> str:
@@ -127,6 +121,7 @@ class S3Driver(StorageDriver):
         self._private = (self.root + "/" if self.root else "") + ".regserve"
         self._part = max(MIN_PART, int(chunksize))
         self._copy_part = max(MIN_PART, min(SINGLE_COPY_MAX, int(multipartcopychunksize or COPY_PART)))
+        self._assembly_part = max(MIN_PART, min(SINGLE_COPY_MAX, int(multipartcopychunksize or ASSEMBLY_PART)))
         self._copy_parallel = max(1, int(multipartcopymaxconcurrency or COPY_PARALLEL))
         self._copy_threshold = min(SINGLE_COPY_MAX, int(multipartcopythresholdsize or SINGLE_COPY_MAX))
         self.buffers = ByteBudget(max(BUFFER_BUDGET, 2 * self._part))
@@ -332,40 +327,24 @@ class S3Driver(StorageDriver):
             await s3.copy_object(Bucket=self.bucket, Key=dest, CopySource={"Bucket": self.bucket, "Key": source},
                                  MetadataDirective="REPLACE", **self._extra)
             return
-        await self._assemble(dest, [(0, size, source)])
+        await self._assemble(dest, [(0, size, source)], self._copy_part)
 
-    async def _assemble(self, dest: str, pieces: list[tuple[int, int, str]]) -> None:
-        """One object at `dest` from `pieces` (offset, size, key), by multipart upload: large
-        pieces are copied server-side in COPY_PART ranges; runs of small ones are read and sent
-        again as one part (parts but the last must be at least 5 MiB)."""
+    async def _assemble(self, dest: str, pieces: list[tuple[int, int, str]], part: int) -> None:
+        """One object at `dest` from `pieces` (offset, size, key), by a multipart upload of equal
+        parts of at least `part` bytes but the last (R2 refuses unequal ones; 10,000 at most): a
+        part that lies within one piece is copied server-side, one that spans pieces is read
+        and sent again, within the budget."""
         s3 = await self._s3()
+        total = sum(size for _, size, _ in pieces)
+        part = max(part, MIN_PART, -(-total // MAX_PARTS))
+        jobs: list[Any] = []
+        for start in range(0, total, part):
+            end = min(total, start + part)
+            spans = [(key, max(start, off) - off, min(end, off + size) - off - 1)
+                     for off, size, key in pieces if off < end and start < off + size]
+            jobs.append(("copy", *spans[0]) if len(spans) == 1 else ("send", spans))
         upload = (await s3.create_multipart_upload(Bucket=self.bucket, Key=dest, **self._extra))["UploadId"]
         try:
-            jobs: list[Any] = []
-            pending: list[tuple[str, int, int]] = []  # (key, first, last byte) to read and send
-            held = 0
-
-            def flush_small() -> None:
-                nonlocal held
-                if pending:
-                    jobs.append(("send", list(pending)))
-                    pending.clear()
-                    held = 0
-            for _, size, key in pieces:
-                head = 0
-                if held and size - (MIN_PART - held) >= MIN_PART:
-                    head = MIN_PART - held  # completes the small run; the rest is copied
-                    pending.append((key, 0, head - 1))
-                    flush_small()
-                if not held and size - head >= MIN_PART:
-                    for start, end in _copy_ranges(size - head, self._copy_part):
-                        jobs.append(("copy", key, head + start, head + end))
-                elif size:
-                    pending.append((key, 0, size - 1))  # small: never more than 10 MiB together
-                    held += size
-                    if held >= MIN_PART:
-                        flush_small()
-            flush_small()
             limit = asyncio.Semaphore(self._copy_parallel)
 
             async def run(number: int, job: Any) -> dict:
@@ -890,7 +869,7 @@ class S3Writer(FileWriter):
         if len(segments) == 1:
             await driver._copy(segments[0][2], dest_key, size)
         else:
-            await driver._assemble(dest_key, segments)
+            await driver._assemble(dest_key, segments, driver._assembly_part)
         await driver._delete_keys([k for _, _, k in segments])
 
     async def cancel(self) -> None:
