@@ -577,7 +577,8 @@ async def test_segments_of_every_size_assemble_in_equal_parts(rgw):
         await driver.close()
 
 
-async def test_a_failed_part_is_never_published_as_a_segment_with_a_hole(rgw):
+@pytest.mark.parametrize("in_place", [False, True], ids=["copied", "received-in-place"])
+async def test_a_failed_part_is_never_published_as_a_segment_with_a_hole(rgw, in_place):
     """S3 completes a multipart upload whatever part numbers are missing: a segment completed
     after one of its parts failed would hold the bytes after it shifted, under an offset that
     says otherwise. A writer whose part failed aborts its segment instead: the upload's size
@@ -599,8 +600,11 @@ async def test_a_failed_part_is_never_published_as_a_segment_with_a_hole(rgw):
         writer = await driver.append("/up/data")
         blob = os.urandom(64 << 20)  # more parts than go at once: the failure meets a write
         with pytest.raises(OSError):
-            for start in range(0, len(blob), 1 << 20):
-                await writer.write([blob[start:start + (1 << 20)]])
+            if in_place:
+                await _received_in_place(writer, blob)
+            else:
+                for start in range(0, len(blob), 1 << 20):
+                    await writer.write([blob[start:start + (1 << 20)]])
             await writer.close()
         await writer.close()
         assert await driver._segments(driver._key("/up/data")) == []  # nothing with a hole was published
