@@ -801,9 +801,15 @@ class S3Writer(FileWriter):
         self._release_slack()
 
     def _release_all(self) -> None:
-        """The writer is done: whatever it holds goes back (parts still in flight give none)."""
+        """The writer is done: whatever it holds goes back (parts still in flight give none),
+        buffers too: the one a body's last fill was offered and left empty, say. (Left to the
+        garbage collector, a buffer a push fragmented the heap with: 32 pushes at once on one
+        worker grew from 339 to 736 MB over three rounds.)"""
         self._unsent = 0
         self._release_slack()
+        while self._buffer is not None:
+            buffer, _ = self._take_partial()
+            self._driver.parts.put(buffer)
 
     def _release_slack(self) -> None:
         """Give back budget that covers nothing still to be sent."""
@@ -874,9 +880,6 @@ class S3Writer(FileWriter):
 
     async def cancel(self) -> None:
         self._done = True
-        while self._buffer is not None:  # the part being filled, and those received ahead
-            buffer, _ = self._take_partial()
-            self._driver.parts.put(buffer)
         for task in self._inflight:
             task.cancel()  # each gives its budget back
         await asyncio.gather(*self._inflight, return_exceptions=True)
