@@ -168,6 +168,27 @@ def test_skopeo_pulls_through_the_redirects(rgw, server_factory, tmp_path):
     assert "http.response.status=307" in log  # the layers came from the engine
 
 
+class _BuffersOut:
+    """Which part buffers a driver's pool handed out are not back yet, and the most bytes of
+    them out at once."""
+
+    def __init__(self, driver: Any) -> None:
+        self.out: dict[int, int] = {}  # id -> size
+        self.peak_bytes = 0
+        get, put = driver.parts.get, driver.parts.put
+
+        def watched_get(size: int) -> bytearray:
+            buffer = get(size)
+            self.out[id(buffer)] = size
+            self.peak_bytes = max(self.peak_bytes, sum(self.out.values()))
+            return buffer
+
+        def watched_put(buffer: bytearray) -> None:
+            self.out.pop(id(buffer), None)
+            put(buffer)
+        driver.parts.get, driver.parts.put = watched_get, watched_put
+
+
 @pytest.mark.parametrize("in_place", [False, True], ids=["copied", "received-in-place"])
 async def test_body_bytes_of_all_writers_stay_within_the_budget(rgw, in_place):
     """Concurrent writers wait for room before they take more of a body, rather than grow the
@@ -191,21 +212,7 @@ async def test_body_bytes_of_all_writers_stay_within_the_budget(rgw, in_place):
         await take(n)
         peak = max(peak, driver.buffers.used)
     driver.buffers.take = watched_take  # type: ignore[method-assign]
-    whole_parts = peak_whole_parts = 0  # bytes in part buffers from the pool, in use
-    get, put = driver.parts.get, driver.parts.put
-
-    def watched_get(size: int) -> bytearray:
-        nonlocal whole_parts, peak_whole_parts
-        whole_parts += size
-        peak_whole_parts = max(peak_whole_parts, whole_parts)
-        return get(size)
-
-    def watched_put(buffer: bytearray) -> None:
-        nonlocal whole_parts
-        if len(buffer) == 5 << 20:
-            whole_parts -= len(buffer)
-        put(buffer)
-    driver.parts.get, driver.parts.put = watched_get, watched_put  # type: ignore[method-assign]
+    buffers = _BuffersOut(driver)
     blobs = [os.urandom((12 << 20) + i) for i in range(6)]
 
     threads = ThreadPoolExecutor(2)  # fewer writing threads than writers, as the upload pipeline has
@@ -229,7 +236,7 @@ async def test_body_bytes_of_all_writers_stay_within_the_budget(rgw, in_place):
         assert peak <= 10 << 20 and driver.buffers.used == 0
         # A part gets a whole buffer only once the budget covers it: one that a straddling
         # batch started early grows as bytes come (six writers with a whole part each: 30 MiB)
-        assert 5 << 20 <= peak_whole_parts <= 10 << 20
+        assert 5 << 20 <= buffers.peak_bytes <= 10 << 20
         for i, blob in enumerate(blobs):
             assert await driver.get_content(f"/blobs/{i}") == blob
     finally:
@@ -406,19 +413,7 @@ async def test_a_writer_gives_every_part_buffer_back(rgw):
     buffer a push fragmented the heap: 32 pushes at once grew a worker to 736 MB in three
     rounds)."""
     driver = _driver(rgw, "giveback")
-    out = 0
-    get, put = driver.parts.get, driver.parts.put
-
-    def counted_get(size: int) -> bytearray:
-        nonlocal out
-        out += 1
-        return get(size)
-
-    def counted_put(buffer: bytearray) -> None:
-        nonlocal out
-        out -= 1
-        put(buffer)
-    driver.parts.get, driver.parts.put = counted_get, counted_put  # type: ignore[method-assign]
+    buffers = _BuffersOut(driver)
     try:
         await driver.put_content("/up/startedat", b"x")
         writer = await driver.append("/up/data")
@@ -427,7 +422,7 @@ async def test_a_writer_gives_every_part_buffer_back(rgw):
         await writer.ready()
         assert len(writer.stage_space()) == 5 << 20  # the last fill: the body ends, nothing comes
         await writer.commit("/blob", len(blob))
-        assert out == 0 and await driver.get_content("/blob") == blob
+        assert not buffers.out and await driver.get_content("/blob") == blob
     finally:
         await driver.close()
 

@@ -586,7 +586,6 @@ class S3Writer(FileWriter):
         self.size = start
         self._buffer: bytearray | None = None  # the part being filled, and its bytes so far
         self._filled = 0
-        self._pooled = False  # the buffer is a whole part's, from driver.parts (see _part_buffer)
         # A body received in place (stage_space) fills the part's buffer ahead of the writing:
         # `_received` bytes of it, then whole buffers of the next parts ([buffer, received]).
         self._received = 0
@@ -639,7 +638,7 @@ class S3Writer(FileWriter):
             buffer, used = self._ahead[-1]
         else:
             if self._buffer is None:
-                self._buffer, self._pooled, self._received = self._driver.parts.get(self._part_size), True, 0
+                self._buffer, self._received = self._driver.parts.get(self._part_size), 0
             buffer, used = self._buffer, self._received
         if used < len(buffer):
             return memoryview(buffer)[used:]
@@ -710,15 +709,15 @@ class S3Writer(FileWriter):
         the part (bytes already in it move over). Until then, which happens after a batch that
         straddles a part's end ran past what is held (see admit), the part grows as bytes come:
         every waiting push holding a whole uncovered part grew 32 pushes by 170 MB."""
-        if self._pooled:
-            return
+        if self._buffer is not None and len(self._buffer) == self._part_size:
+            return  # a whole part's (a part growing in place is sent the moment it is whole)
         in_parts_sent = self._unsent - self._filled - (self._admitted - self.size)
         if self._held - in_parts_sent >= self._part_size:
             buffer = self._driver.parts.get(self._part_size)
             if self._filled:
                 assert self._buffer is not None
                 buffer[:self._filled] = self._buffer
-            self._buffer, self._pooled = buffer, True
+            self._buffer = buffer
         elif self._buffer is None:
             self._buffer = bytearray()
 
@@ -733,9 +732,9 @@ class S3Writer(FileWriter):
         received ahead for it, if any)."""
         taken = (self._buffer, self._filled)
         if self._ahead:
-            (self._buffer, self._received), self._pooled = self._ahead.pop(0), True
+            self._buffer, self._received = self._ahead.pop(0)
         else:
-            self._buffer, self._received, self._pooled = None, 0, False
+            self._buffer, self._received = None, 0
         self._filled = 0
         return taken
 
