@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import re
@@ -19,6 +20,7 @@ from .uploads import Uploads
 
 log = logging.getLogger("regserve.registry")
 _COMPONENT_RE = re.compile(COMPONENT)
+LIST_BATCH = 32  # directories a walk lists at once
 
 
 class Repository:
@@ -139,21 +141,32 @@ async def walk_repositories(driver: StorageDriver, markers: tuple[str, ...], aft
             if _COMPONENT_RE.fullmatch(base):
                 items += [(prefix + base, 0, child), (prefix + base + "/", 1, child)]
         items.sort()
+        # A directory's children are listed a batch at a time, concurrently: one listing costs
+        # more in waiting for a thread (or S3) than in work. A batch is no larger than the names
+        # a page still needs, so a page that stops early lists nothing for nothing.
+        wanted = [child for key, is_tree, child in items if not is_tree and (after is None or key > after)]
+        position = {child: i for i, child in enumerate(wanted)}
         listed: dict[str, list[str]] = {}
+
+        async def listing(child: str) -> list[str]:
+            if child not in listed:
+                start = position[child]
+                size = LIST_BATCH if limit is None else max(1, min(LIST_BATCH, limit - len(out)))
+                batch = [c for c in wanted[start:start + size] if c not in listed]
+                for c, below in zip(batch, await asyncio.gather(*(list_or_empty(driver, c) for c in batch))):
+                    listed[c] = below
+            return listed[child]
+
         for key, is_tree, child in items:
             if limit is not None and len(out) >= limit:
                 return
             if is_tree:
                 if after is not None and key < after and not after.startswith(key):
-                    listed.pop(child, None)
                     continue  # every name below lies before `after`
-                below = listed.pop(child, None)
-                if below is None:
-                    below = await list_or_empty(driver, child)
+                below = listed.pop(child) if child in listed else await list_or_empty(driver, child)
                 await visit(child, key, [c for c in below if not c.rsplit("/", 1)[1].startswith("_")])
             elif after is None or key > after:
-                below = listed[child] = await list_or_empty(driver, child)
-                if any(c.rsplit("/", 1)[1] in markers for c in below):
+                if any(c.rsplit("/", 1)[1] in markers for c in await listing(child)):
                     out.append(key)
 
     await visit(paths.REPOSITORIES, "", await list_or_empty(driver, paths.REPOSITORIES))
