@@ -74,6 +74,8 @@ SCHEMA: dict[str, Any] = {
     "notifications": {"events": {"includereferences": _B}, "endpoints": _L},
     "redis": _M, "proxy": _M, "validation": _M,
     "compatibility": _M, "catalog": {"maxentries": _I},
+    # regserve's own: the web UI
+    "ui": {"enabled": _B, "path": _S},
 }
 # Keys regserve acts on; anything else that is set is reported as ignored.
 IMPLEMENTED = {
@@ -88,7 +90,7 @@ IMPLEMENTED = {
     "storage.maintenance.uploadpurging.interval", "storage.maintenance.uploadpurging.dryrun",
     "storage.maintenance.readonly.enabled", "storage.maintenance.gc", "storage.cache.blobdescriptor",
     "storage.cache.blobdescriptorsize", "storage.redirect.disable", "http.addr", "http.net",
-    "http.host", "http.prefix", "http.secret", "http.relativeurls", "http.draintimeout",
+    "http.host", "http.prefix", "http.secret", "http.relativeurls", "http.draintimeout", "ui",
     "http.headers", "http.sendfile", "http.maxconnections", "http.timeouts", "catalog.maxentries",
     "http.debug.addr", "http.debug.prometheus", "health", "notifications", "auth.htpasswd", "auth.token.realm",
     "auth.token.service", "auth.token.issuer", "auth.token.rootcertbundle", "auth.token.jwks",
@@ -260,6 +262,8 @@ class Config:
     gc_untagged: bool = False
     gc_dryrun: bool = False
     catalog_max_entries: int = 1000
+    ui_enabled: bool = True                 # ui.enabled: the web UI
+    ui_path: str = "/ui"                    # ui.path: where it is served (below http.prefix)
     notifications: list[Any] = field(default_factory=list)   # notifications.Endpoint
     notify_references: bool = False
     auth_mode: str = "none"                 # none, htpasswd, token
@@ -399,6 +403,10 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     if c.gc_enabled and c.gc_interval < 60:
         raise ConfigError(f"{gc}interval: at least 1m")
     c.catalog_max_entries = int(_get(doc, "catalog.maxentries", 1000))
+    c.ui_enabled = bool(_get(doc, "ui.enabled", True))
+    c.ui_path = "/" + (_get(doc, "ui.path", "/ui") or "").strip("/")
+    if c.ui_path == "/" or c.ui_path == "/v2" or c.ui_path.startswith("/v2/"):
+        raise ConfigError("ui.path: a path of its own, such as /ui (not / nor below /v2)")
     from .notifications import endpoints  # it reads durations with ours
     c.notifications, c.notify_references = endpoints(doc.get("notifications"))
     _load_auth(c, doc)

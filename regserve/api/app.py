@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
 
-from .. import notifications
+from .. import notifications, ui
 from ..config import Config
 from ..logs import request_id_header, request_id_middleware
 from ..registry import Registry
@@ -76,6 +76,7 @@ def make_app(config: Config, registry: Registry | None = None,
     # Order matters where patterns overlap: the most specific resources first.
     for module in (base, catalog, uploads, blobs, manifests, tags, referrers):
         module.setup_routes(app)
+    ui.setup(app, config)
     if config.prefix:  # http.prefix: the API lives below it, as in distribution
         root = web.Application()
         root.add_subapp(config.prefix, app)

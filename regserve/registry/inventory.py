@@ -1,0 +1,332 @@
+"""What a registry holds, summarised for people (the web UI): manifests with their platforms,
+sizes and build times, repositories with their tags, last push and storage used.
+
+Content is immutable, so what is read from it (a manifest's layers, its image config's
+platform and created time) is cached by digest for the life of the process. What changes
+(names, tags, revisions) is listed afresh on every request, except the list of every
+repository name, which a registry of thousands takes a while to walk: it is kept for a few
+seconds and refreshed behind the requests that use it. Knows nothing of HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from ..errors import BlobUnknown, ManifestInvalid, RegistryError
+from ..reference import Digest, parse_digest
+from ..storage import PathNotFound
+from . import paths
+from .blobs import LRU
+from .manifests import INDEX_TYPES, Descriptor, parse_manifest
+from .registry import Registry, list_or_empty, walk_repositories
+
+log = logging.getLogger("regserve.inventory")
+IMAGE_CONFIGS = {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
+MAX_CONFIG_BYTES = 4 << 20   # an image config is a few KiB; a larger one is not read for a summary
+NAMES_TTL = 10.0             # seconds a walk of every repository name is served before another
+
+
+@dataclass(frozen=True)
+class Child:
+    """An index's entry: one platform's manifest."""
+    digest: Digest
+    media_type: str
+    size: int
+    platform: str | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One manifest as a person wants to see it. `blobs` is everything the manifest keeps in
+    its repository with the bytes each costs: itself, its config and layers (an index's
+    children are manifests of their own, summarised apart)."""
+    digest: Digest
+    media_type: str
+    manifest_size: int
+    artifact_type: str | None = None
+    config: Descriptor | None = None
+    layers: tuple[Descriptor, ...] = ()
+    children: tuple[Child, ...] = ()
+    subject: Digest | None = None
+    annotations: dict[str, str] = field(default_factory=dict)
+    platform: str | None = None
+    created: str | None = None
+    image: dict[str, Any] = field(default_factory=dict)  # the config's entrypoint, cmd, labels...
+    blobs: dict[Digest, int] = field(default_factory=dict)
+    damaged: bool = False
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_TYPES
+
+    @property
+    def image_size(self) -> int:
+        """Manifest, config and layers: what pulling this one image moves."""
+        return sum(self.blobs.values())
+
+
+@dataclass(frozen=True)
+class TagInfo:
+    name: str
+    digest: Digest | None     # None: the tag's link is gone or damaged
+    summary: Summary | None
+
+
+@dataclass
+class RepositoryOverview:
+    name: str
+    tags: list[str]
+    revisions: list[Digest]
+    last_push: float | None
+    blobs: dict[Digest, int]  # every blob its manifests keep, each once
+
+    @property
+    def size(self) -> int:
+        return sum(self.blobs.values())
+
+
+@dataclass
+class Usage:
+    """Storage used per repository, with what other repositories share counted as shared."""
+    taken_at: float
+    repositories: dict[str, dict[Digest, int]]
+    holders: Counter  # digest -> how many repositories keep it
+
+    def shared(self, name: str) -> int:
+        return sum(size for d, size in self.repositories.get(name, {}).items() if self.holders[d] > 1)
+
+    def total(self, names: list[str]) -> int:
+        """Bytes the given repositories take together, each blob counted once."""
+        seen: dict[Digest, int] = {}
+        for name in names:
+            seen.update(self.repositories.get(name, {}))
+        return sum(seen.values())
+
+
+def platform_of(doc: Any) -> str | None:
+    """"os/architecture[/variant]" of an image config or an index entry's platform."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("os"), str) or not isinstance(doc.get("architecture"), str):
+        return None
+    parts = [doc["os"], doc["architecture"]]
+    if isinstance(doc.get("variant"), str) and doc["variant"]:
+        parts.append(doc["variant"])
+    return "/".join(parts)
+
+
+class Inventory:
+    def __init__(self, registry: Registry, clock: Callable[[], float] = time.monotonic) -> None:
+        self.registry = registry
+        self.driver = registry.driver
+        self.clock = clock
+        self._summaries: LRU = LRU(50_000)
+        self._pushed_at: LRU = LRU(200_000)   # (name, digest) -> mtime of its revision link
+        self._names: tuple[float, list[str]] | None = None
+        self._names_task: asyncio.Task | None = None
+        self._usage: Usage | None = None
+        self._usage_task: asyncio.Task | None = None
+
+    # -- names ---------------------------------------------------------------------------------
+
+    async def names(self) -> list[str]:
+        """Every repository with manifests, in order. Served from the last walk while it is
+        young; an older one is still served while a new walk runs behind it."""
+        if self._names is None:
+            await self._refresh_names()
+        elif self.clock() - self._names[0] > NAMES_TTL:
+            self._names_task = _once(self._names_task, self._refresh_names)
+        assert self._names is not None
+        return self._names[1]
+
+    async def _refresh_names(self) -> None:
+        started = self.clock()
+        names = await walk_repositories(self.driver, ("_manifests",))
+        self._names = (started, names)
+
+    # -- manifests -----------------------------------------------------------------------------
+
+    async def summary(self, d: Digest) -> Summary:
+        """A manifest's summary; BlobUnknown when its bytes are not in storage."""
+        cached = self._summaries.get(d)
+        if cached is not None:
+            return cached
+        payload = await self.registry.blob_store.read_small(d)
+        try:
+            m = parse_manifest(payload, None, d)
+            doc = json.loads(payload)
+        except (ManifestInvalid, ValueError):
+            summary = Summary(d, "unknown", len(payload), blobs={d: len(payload)}, damaged=True)
+            self._summaries.put(d, summary)
+            return summary
+        config = m.blobs[0] if m.blobs and not m.manifests and "config" in doc else None
+        layers = tuple(m.blobs[1:] if config is not None else m.blobs)
+        children = tuple(Child(c.digest, c.media_type, c.size, platform_of(entry.get("platform")))
+                         for c, entry in zip(m.manifests, doc.get("manifests") or []))
+        blobs = {d: len(payload)}
+        for desc in m.blobs:
+            blobs[desc.digest] = desc.size
+        platform, created, image = None, None, {}
+        if config is not None and config.media_type in IMAGE_CONFIGS and config.size <= MAX_CONFIG_BYTES:
+            platform, created, image = await self._read_config(config.digest)
+        summary = Summary(d, m.media_type, len(payload), m.artifact_type, config, layers, children,
+                          m.subject.digest if m.subject else None, dict(m.annotations or {}),
+                          platform, created, image, blobs)
+        self._summaries.put(d, summary)
+        return summary
+
+    async def _read_config(self, d: Digest) -> tuple[str | None, str | None, dict[str, Any]]:
+        try:
+            doc = json.loads(await self.registry.blob_store.read_small(d))
+        except (BlobUnknown, ValueError, RecursionError):
+            return None, None, {}
+        if not isinstance(doc, dict):
+            return None, None, {}
+        inner = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+        image = {k: inner[k] for k in ("Entrypoint", "Cmd", "WorkingDir", "User", "Labels", "ExposedPorts")
+                 if inner.get(k)}
+        created = doc.get("created") if isinstance(doc.get("created"), str) else None
+        return platform_of(doc), created, image
+
+    async def summaries(self, digests: list[Digest]) -> dict[Digest, Summary]:
+        """Summaries of the manifests whose bytes are there (read concurrently, a few at a time)."""
+        out: dict[Digest, Summary] = {}
+        missing = [d for d in digests if self._summaries.get(d) is None]
+        await _bounded(missing, self._try_summary, 16)
+        for d in digests:
+            s = self._summaries.get(d)
+            if s is not None:
+                out[d] = s
+        return out
+
+    async def _try_summary(self, d: Digest) -> None:
+        try:
+            await self.summary(d)
+        except BlobUnknown:
+            pass  # the revision's bytes were collected: it shows as missing
+
+    def index_size(self, summary: Summary, children: dict[Digest, Summary]) -> int:
+        """What an index and every platform it names take, each blob once."""
+        seen = dict(summary.blobs)
+        for child in summary.children:
+            if child.digest in children:
+                seen.update(children[child.digest].blobs)
+        return sum(seen.values())
+
+    # -- repositories --------------------------------------------------------------------------
+
+    async def revisions(self, name: str) -> list[Digest]:
+        out = []
+        for alg_dir in await list_or_empty(self.driver, paths.revisions(name)):
+            algorithm = alg_dir.rsplit("/", 1)[1]
+            for entry in await list_or_empty(self.driver, alg_dir):
+                try:
+                    out.append(parse_digest(f"{algorithm}:{entry.rsplit('/', 1)[1]}"))
+                except RegistryError:
+                    continue  # not a digest's directory: not a revision
+        return out
+
+    async def tags(self, name: str, tags: list[str]) -> list[TagInfo]:
+        """What each of these tags points to, with its manifest's summary."""
+        repo = self.registry.repository(name)
+        digests: dict[str, Digest | None] = {}
+
+        async def resolve(tag: str) -> None:
+            try:
+                digests[tag] = await repo.tags.resolve(tag)
+            except RegistryError:
+                digests[tag] = None  # untagged meanwhile, or a damaged link
+        await _bounded(tags, resolve, 16)
+        found = await self.summaries([d for d in digests.values() if d is not None])
+        return [TagInfo(t, digests[t], found.get(digests[t]) if digests[t] else None) for t in tags]
+
+    async def overview(self, name: str) -> RepositoryOverview:
+        """Tags, revisions, last push and the bytes the repository's manifests keep."""
+        repo = self.registry.repository(name)
+        tags, revisions = await asyncio.gather(repo.tags.all(), self.revisions(name))
+        found = await self.summaries(revisions)
+        blobs: dict[Digest, int] = {}
+        for s in found.values():
+            blobs.update(s.blobs)
+        return RepositoryOverview(name, tags, revisions, await self._last_push(name, revisions), blobs)
+
+    async def _last_push(self, name: str, revisions: list[Digest]) -> float | None:
+        """When the newest of its manifests was pushed (its revision link was written)."""
+        async def stat(d: Digest) -> None:
+            try:
+                self._pushed_at.put((name, d), (await self.driver.stat(paths.revision_link(name, d))).mtime)
+            except PathNotFound:
+                pass
+        await _bounded([d for d in revisions if self._pushed_at.get((name, d)) is None], stat, 16)
+        times = [t for t in (self._pushed_at.get((name, d)) for d in revisions) if t is not None]
+        return max(times) if times else None
+
+    async def referrers(self, name: str, subject: Digest) -> dict[str, list[Summary]]:
+        """The manifests that name `subject`, grouped by artifact type."""
+        repo = self.registry.repository(name)
+        descriptors = await repo.manifests.referrers(subject, None)
+        found = await self.summaries([parse_digest(desc["digest"]) for desc in descriptors])
+        groups: dict[str, list[Summary]] = {}
+        for s in found.values():
+            groups.setdefault(s.artifact_type or s.media_type, []).append(s)
+        return dict(sorted(groups.items()))
+
+    # -- storage used --------------------------------------------------------------------------
+
+    def usage(self, max_age: float) -> Usage | None:
+        """The latest count of storage used per repository (None before the first is done);
+        one older than `max_age` starts a new count behind it."""
+        if self._usage is None or self.clock() - self._usage.taken_at > max_age:
+            self._usage_task = _once(self._usage_task, self._count_usage)
+        return self._usage
+
+    async def wait_for_usage(self) -> Usage:
+        self.usage(0)
+        assert self._usage_task is not None
+        await asyncio.shield(self._usage_task)
+        assert self._usage is not None
+        return self._usage
+
+    async def _count_usage(self) -> None:
+        started = self.clock()
+        await self._refresh_names()
+        assert self._names is not None
+        per_repo: dict[str, dict[Digest, int]] = {}
+
+        async def count(name: str) -> None:
+            found = await self.summaries(await self.revisions(name))
+            blobs: dict[Digest, int] = {}
+            for s in found.values():
+                blobs.update(s.blobs)
+            per_repo[name] = blobs
+        await _bounded(self._names[1], count, 8)
+        holders: Counter = Counter(d for blobs in per_repo.values() for d in blobs)
+        self._usage = Usage(started, per_repo, holders)
+
+
+def _once(task: asyncio.Task | None, start: Callable[[], Awaitable[None]]) -> asyncio.Task:
+    """The running task, or a new one: one refresh at a time. A refresh that fails is logged,
+    and what the last one found is served meanwhile."""
+    if task is not None and not task.done():
+        return task
+    task = asyncio.ensure_future(start())
+    task.add_done_callback(_log_failure)
+    return task
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("inventory refresh failed", exc_info=task.exception())
+
+
+async def _bounded(items: list, work: Callable[[Any], Awaitable[None]], limit: int) -> None:
+    """`work` on every item, at most `limit` at once."""
+    it = iter(items)
+
+    async def worker() -> None:
+        for item in it:
+            await work(item)
+    await asyncio.gather(*(worker() for _ in range(min(limit, len(items)))))
