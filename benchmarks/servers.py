@@ -56,11 +56,12 @@ class Server:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self) -> None:
-        if self.data.exists():
+    def start(self, fresh: bool = True) -> None:
+        """Start the server, on an empty data directory unless not `fresh`."""
+        if fresh and self.data.exists():
             shutil.rmtree(self.data)
-        self.data.mkdir(parents=True)
-        self.log = open(self.workdir / "server.log", "wb")
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.workdir / "server.log", "wb" if fresh else "ab")
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=self.workdir, env=self.environment())
         deadline = time.time() + 30

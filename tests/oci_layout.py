@@ -12,6 +12,7 @@ from pathlib import Path
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+CREATED = "2026-11-30T10:00:00Z"  # the images' build time, as their configs say
 
 
 def _write_blob(layout: Path, data: bytes) -> tuple[str, int]:
@@ -40,7 +41,8 @@ def _image(layout: Path, arch: str, layers: list[dict[str, bytes]]) -> dict:
         d, size = _write_blob(layout, blob)
         descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": size})
         diff_ids.append(diff_id)
-    config = json.dumps({"architecture": arch, "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+    config = json.dumps({"architecture": arch, "os": "linux", "created": CREATED,
+                         "config": {"Cmd": ["/bin/sh"], "Labels": {"org.opencontainers.image.title": "e2e"}},
                          "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
     cd, cs = _write_blob(layout, config)
     manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
@@ -84,4 +86,20 @@ def build_index(layout: Path, tag: str, src: Path) -> str:
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children}).encode()
     d, size = _write_blob(layout, index)
     _finish(layout, {"mediaType": OCI_INDEX, "digest": d, "size": size}, tag)
+    return d
+
+
+def build_referrer(layout: Path, tag: str, subject: dict, artifact_type: str, payload: bytes) -> str:
+    """An OCI 1.1 artifact (a signature, an SBOM) whose subject is `subject` (a descriptor of a
+    manifest in the same layout). Returns its digest."""
+    layout.mkdir(parents=True, exist_ok=True)
+    cd, cs = _write_blob(layout, b"{}")
+    ld, ls = _write_blob(layout, payload)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
+                           "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cd, "size": cs},
+                           "layers": [{"mediaType": "application/octet-stream", "digest": ld, "size": ls}],
+                           "subject": {"mediaType": subject["mediaType"], "digest": subject["digest"],
+                                       "size": subject["size"]}}).encode()
+    d, size = _write_blob(layout, manifest)
+    _finish(layout, {"mediaType": OCI_MANIFEST, "digest": d, "size": size}, tag)
     return d

@@ -296,6 +296,11 @@ def test_seed_deployment_with_docker_compose(dockerd, tmp_path, request):
         d.run("rmi", f"{host}/alpine:latest", f"{host}/legacy/app:v1")
         d.run("pull", f"{host}/alpine:latest")
         assert b"pushed through compose" in image_payload(d, f"{host}/alpine:latest")
+        # The web UI, from the installed wheel (its templates and files are package data).
+        ui_auth = {"Authorization": "Basic " + base64.b64encode(b"myuser:Swordfish").decode()}
+        status, _, page = http("GET", f"http://{host}/ui/repo/alpine", headers=ui_auth)
+        assert status == 200 and b'data-tag="latest"' in page, page[:2000]
+        assert http("GET", f"http://{host}/ui/static/ui.css")[0] == 200
 
         # Orphan an image (deleted by digest), then the seed's garbage-collect inside the container.
         d.run("logout", host)

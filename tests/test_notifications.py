@@ -125,6 +125,22 @@ async def test_push_pull_mount_and_delete_are_announced(aiohttp_server, aiohttp_
     assert all(h["Authorization"] == "Bearer sekrit" for h in listener.requests)
 
 
+async def test_a_tag_deleted_in_the_web_ui_is_announced(aiohttp_server, aiohttp_client, tmp_path):
+    listener = Listener()
+    url = await listen(aiohttp_server, listener)
+    users = htpasswd_file(tmp_path / "htpasswd", {"alice": "pw-alice-1"})
+    app = registry_app(tmp_path, {"endpoints": [{"name": "audit", "url": url, "timeout": "2s"}]},
+                       REGISTRY_AUTH_HTPASSWD_REALM="r", REGISTRY_AUTH_HTPASSWD_PATH=str(users))
+    client = await aiohttp_client(app)
+    auth = basic("alice", "pw-alice-1")
+    await push_image(client, "team/app", "v1", auth)
+    r = await client.post("/ui/repo/team/app/-/tag/v1/delete", headers=auth, allow_redirects=False)
+    assert r.status == 303
+    events = await listener.wait_for(4)
+    assert events[3]["action"] == "delete" and events[3]["target"] == {"repository": "team/app", "tag": "v1"}
+    assert events[3]["actor"] == {"name": "alice"} and events[3]["request"]["method"] == "POST"
+
+
 async def test_ignored_actions_and_media_types_and_references(aiohttp_server, aiohttp_client, tmp_path):
     everything, filtered = Listener(), Listener()
     app = registry_app(tmp_path, {

@@ -4,20 +4,34 @@ The browser tests (tests/test_ui_browser.py) drive the same pages in Debian's ch
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
 from typing import Any
 
 import pytest
 
+from regserve.api import make_app
 from regserve.config import ConfigError, load
+from regserve.registry import Registry
+from regserve.storage.filesystem import FilesystemDriver
+from regserve.ui import views
 from regserve.ui.views import INVENTORY_KEY as INVENTORY
 
 from .authutil import basic, htpasswd_file
-from .conftest import OCI_INDEX, OCI_MANIFEST, digest_of
+from .conftest import OCI_INDEX, OCI_MANIFEST, digest_of, make_config
+from .faults import FaultyDriver
 from .htmlpage import parse
 
 SIGNATURE = "application/vnd.dev.cosign.artifact.sig.v1+json"
+
+
+@pytest.fixture(autouse=True)
+def _unhurried(monkeypatch):
+    """Pages wait for everything they read (a loaded machine must not make a row 'pending');
+    the budget has its own test."""
+    monkeypatch.setattr(views, "PAGE_BUDGET", 60.0)
 SBOM = "application/spdx+json"
 
 
@@ -290,6 +304,48 @@ async def test_summaries_are_read_once_per_digest(client, shelf):
     await page(client, "/ui/repo/team/app")
     await page(client, f"/ui/repo/team/app/-/manifest/{shelf['app']['digest']}")
     assert all(r not in reads[:first] for r in reads[first:] if r != shelf["app"]["digest"])
+
+
+async def test_a_page_is_not_held_up_by_what_it_has_not_read_yet(aiohttp_client, data_dir, monkeypatch):
+    """A repository whose manifests are slow to read shows as being counted; the reading goes on
+    behind the page, and the next look shows it."""
+    driver = FaultyDriver(FilesystemDriver(str(data_dir)))
+    client = await aiohttp_client(make_app(make_config(data_dir), Registry(driver)))
+    img = await push_image(client, "slow/repo", "v1", [b"layer"])
+    await push_image(client, "quick/repo", "v1", [b"another layer"])
+    await push_image(client, "slow/tags", "v1", [b"a third layer"])
+    monkeypatch.setattr(views, "PAGE_BUDGET", 0.3)
+    gate = driver.gate("get_content", img["digest"].split(":")[1])  # the manifest's bytes
+    doc, _ = await page(client, "/ui/?q=repo")
+    listed = rows(doc, "data_repository")
+    assert listed["slow/repo"].find(class_="pending") and doc.by_id("pending")
+    assert bytes_of(listed["quick/repo"]) > 0
+    gate.set()
+    for _ in range(100):
+        doc, _ = await page(client, "/ui/?q=repo")
+        if not doc.find_all(id="pending"):
+            break
+        await asyncio.sleep(0.05)
+    assert bytes_of(rows(doc, "data_repository")["slow/repo"]) == img["size"]
+    # A repository's page: its tags are shown while its size is still being counted.
+    gate = driver.gate("stat", "slow/tags/_manifests/revisions")  # when its manifest was pushed
+    doc, _ = await page(client, "/ui/repo/slow/tags")
+    assert doc.by_id("pending") and list(rows(doc, "data_tag")) == ["v1"]
+    gate.set()
+
+
+async def test_a_storage_error_is_a_page_that_says_nothing_of_the_storage(aiohttp_client, data_dir, caplog):
+    driver = FaultyDriver(FilesystemDriver(str(data_dir)))
+    client = await aiohttp_client(make_app(make_config(data_dir), Registry(driver)))
+    img = await push_image(client, "team/app", "v1", [b"layer"])
+    for path, op, where in (("/ui/", "list", "repositories"), ("/ui/repo/team/app", "get_content", "current"),
+                            (f"/ui/repo/team/app/-/manifest/{img['digest']}", "list", "_refs")):
+        driver.inject(op, errno.EIO, where)
+        doc, r = await page(client, path, 500)
+        assert r.content_type == "text/html" and "Something went wrong" in doc.text
+        assert str(data_dir) not in await r.text() and "Errno" not in await r.text()
+    assert "page /ui/ failed" in caplog.text
+    await page(client, "/ui/")  # and the storage is fine again
 
 
 # -- who sees what -------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ seconds and refreshed behind the requests that use it. Knows nothing of HTTP."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable
 
 from ..errors import BlobUnknown, ManifestInvalid, RegistryError
@@ -59,6 +60,7 @@ class Summary:
     image: dict[str, Any] = field(default_factory=dict)  # the config's entrypoint, cmd, labels...
     blobs: dict[Digest, int] = field(default_factory=dict)
     damaged: bool = False
+    config_read: bool = False  # platform, created and image are filled in
 
     @property
     def is_index(self) -> bool:
@@ -124,6 +126,7 @@ class Inventory:
         self.driver = registry.driver
         self.clock = clock
         self._summaries: LRU = LRU(50_000)
+        self._reading: dict[Digest, asyncio.Future] = {}
         self._pushed_at: LRU = LRU(200_000)   # (name, digest) -> mtime of its revision link
         self._names: tuple[float, list[str]] | None = None
         self._names_task: asyncio.Task | None = None
@@ -149,62 +152,77 @@ class Inventory:
 
     # -- manifests -----------------------------------------------------------------------------
 
-    async def summary(self, d: Digest) -> Summary:
-        """A manifest's summary; BlobUnknown when its bytes are not in storage."""
-        cached = self._summaries.get(d)
-        if cached is not None:
-            return cached
+    async def summary(self, d: Digest, with_config: bool = True) -> Summary:
+        """A manifest's summary; BlobUnknown when its bytes are not in storage. Its image
+        config (platform, created time) is a second read, which sizes do not need."""
+        summary = self._summaries.get(d)
+        if summary is None:
+            summary = await self._read_once(d)
+        if with_config and not summary.config_read:
+            summary = replace(summary, config_read=True, **await self._read_config(summary.config))
+            self._summaries.put(d, summary)
+        return summary
+
+    async def _read_once(self, d: Digest) -> Summary:
+        """The manifest read by one request at a time: pages that want it at once share it."""
+        reading = self._reading.get(d)
+        if reading is None:
+            reading = self._reading[d] = asyncio.ensure_future(self._read_manifest(d))
+            reading.add_done_callback(lambda _: self._reading.pop(d, None))
+        summary = await asyncio.shield(reading)
+        if self._summaries.get(d) is None:
+            self._summaries.put(d, summary)
+        return summary
+
+    async def _read_manifest(self, d: Digest) -> Summary:
         payload = await self.registry.blob_store.read_small(d)
         try:
             m = parse_manifest(payload, None, d)
             doc = json.loads(payload)
         except (ManifestInvalid, ValueError):
-            summary = Summary(d, "unknown", len(payload), blobs={d: len(payload)}, damaged=True)
-            self._summaries.put(d, summary)
-            return summary
+            return Summary(d, "unknown", len(payload), blobs={d: len(payload)}, damaged=True, config_read=True)
         config = m.blobs[0] if m.blobs and not m.manifests and "config" in doc else None
-        layers = tuple(m.blobs[1:] if config is not None else m.blobs)
         children = tuple(Child(c.digest, c.media_type, c.size, platform_of(entry.get("platform")))
                          for c, entry in zip(m.manifests, doc.get("manifests") or []))
         blobs = {d: len(payload)}
         for desc in m.blobs:
             blobs[desc.digest] = desc.size
-        platform, created, image = None, None, {}
-        if config is not None and config.media_type in IMAGE_CONFIGS and config.size <= MAX_CONFIG_BYTES:
-            platform, created, image = await self._read_config(config.digest)
-        summary = Summary(d, m.media_type, len(payload), m.artifact_type, config, layers, children,
-                          m.subject.digest if m.subject else None, dict(m.annotations or {}),
-                          platform, created, image, blobs)
-        self._summaries.put(d, summary)
-        return summary
+        return Summary(d, m.media_type, len(payload), m.artifact_type, config,
+                       tuple(m.blobs[1:] if config is not None else m.blobs), children,
+                       m.subject.digest if m.subject else None, dict(m.annotations or {}), blobs=blobs)
 
-    async def _read_config(self, d: Digest) -> tuple[str | None, str | None, dict[str, Any]]:
+    async def _read_config(self, config: Descriptor | None) -> dict[str, Any]:
+        """Platform, created time and run settings from an image config, where there is one."""
+        if config is None or config.media_type not in IMAGE_CONFIGS or config.size > MAX_CONFIG_BYTES:
+            return {}
         try:
-            doc = json.loads(await self.registry.blob_store.read_small(d))
+            doc = json.loads(await self.registry.blob_store.read_small(config.digest))
         except (BlobUnknown, ValueError, RecursionError):
-            return None, None, {}
+            return {}
         if not isinstance(doc, dict):
-            return None, None, {}
+            return {}
         inner = doc.get("config") if isinstance(doc.get("config"), dict) else {}
         image = {k: inner[k] for k in ("Entrypoint", "Cmd", "WorkingDir", "User", "Labels", "ExposedPorts")
                  if inner.get(k)}
         created = doc.get("created") if isinstance(doc.get("created"), str) else None
-        return platform_of(doc), created, image
+        return {"platform": platform_of(doc), "created": created, "image": image}
 
-    async def summaries(self, digests: list[Digest]) -> dict[Digest, Summary]:
+    async def summaries(self, digests: list[Digest], with_config: bool = True) -> dict[Digest, Summary]:
         """Summaries of the manifests whose bytes are there (read concurrently, a few at a time)."""
+        def done(s: Summary | None) -> bool:
+            return s is not None and (s.config_read or not with_config)
+        missing = [d for d in digests if not done(self._summaries.get(d))]
+        await _bounded(missing, functools.partial(self._try_summary, with_config=with_config), 16)
         out: dict[Digest, Summary] = {}
-        missing = [d for d in digests if self._summaries.get(d) is None]
-        await _bounded(missing, self._try_summary, 16)
         for d in digests:
             s = self._summaries.get(d)
             if s is not None:
                 out[d] = s
         return out
 
-    async def _try_summary(self, d: Digest) -> None:
+    async def _try_summary(self, d: Digest, with_config: bool) -> None:
         try:
-            await self.summary(d)
+            await self.summary(d, with_config)
         except BlobUnknown:
             pass  # the revision's bytes were collected: it shows as missing
 
@@ -243,11 +261,13 @@ class Inventory:
         found = await self.summaries([d for d in digests.values() if d is not None])
         return [TagInfo(t, digests[t], found.get(digests[t]) if digests[t] else None) for t in tags]
 
-    async def overview(self, name: str) -> RepositoryOverview:
-        """Tags, revisions, last push and the bytes the repository's manifests keep."""
-        repo = self.registry.repository(name)
-        tags, revisions = await asyncio.gather(repo.tags.all(), self.revisions(name))
-        found = await self.summaries(revisions)
+    async def overview(self, name: str, tags: list[str] | None = None) -> RepositoryOverview:
+        """Tags (unless given, as listed just now), revisions, last push and the bytes the
+        repository's manifests keep."""
+        if tags is None:
+            tags = await self.registry.repository(name).tags.all()
+        revisions = await self.revisions(name)
+        found = await self.summaries(revisions, with_config=False)
         blobs: dict[Digest, int] = {}
         for s in found.values():
             blobs.update(s.blobs)
@@ -276,6 +296,11 @@ class Inventory:
 
     # -- storage used --------------------------------------------------------------------------
 
+    @property
+    def last_usage(self) -> Usage | None:
+        """The latest count, whatever its age, starting none."""
+        return self._usage
+
     def usage(self, max_age: float) -> Usage | None:
         """The latest count of storage used per repository (None before the first is done);
         one older than `max_age` starts a new count behind it."""
@@ -297,7 +322,7 @@ class Inventory:
         per_repo: dict[str, dict[Digest, int]] = {}
 
         async def count(name: str) -> None:
-            found = await self.summaries(await self.revisions(name))
+            found = await self.summaries(await self.revisions(name), with_config=False)
             blobs: dict[Digest, int] = {}
             for s in found.values():
                 blobs.update(s.blobs)

@@ -12,18 +12,20 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit
 
 import jinja2
 from aiohttp import web
 
-from ..api.auth import CONTROLLER_KEY
+from ..api import events
+from ..api.auth import CONTROLLER_KEY, IDENTITY_KEY
 from ..api.common import CONFIG_KEY, REGISTRY_KEY
-from ..auth import AccessController
+from ..auth import AccessController, Identity
 from ..config import Config
 from ..errors import (
     Denied,
@@ -44,6 +46,7 @@ INVENTORY_KEY = web.AppKey("inventory", Inventory)
 TEMPLATES_KEY = web.AppKey("ui_templates", jinja2.Environment)
 REPOSITORIES_PER_PAGE = 50
 TAGS_PER_PAGE = 100
+PAGE_BUDGET = 0.15    # seconds a page waits for sizes not cached yet (see within_budget)
 USAGE_MAX_AGE = 60.0  # seconds a count of storage used is shown before a new one starts
 # Pages load nothing from anywhere else, run no inline script, and cannot be framed.
 SECURITY_HEADERS = {
@@ -62,6 +65,8 @@ PURPOSES = (("signature", "Signatures"), ("sig", "Signatures"), ("spdx", "SBOMs"
 STATIC = {"ui.css": "text/css", "ui.js": "text/javascript"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+log = logging.getLogger("regserve.ui")
 
 
 @dataclass
@@ -115,6 +120,12 @@ def page(handler: Callable[[web.Request, Viewer], Awaitable[web.StreamResponse]]
         except TooManyRequests:
             return render(request, "error.html", 429, {"Retry-After": "1"}, viewer=viewer, title="Busy",
                           message="The repository is busy; try again in a moment.")
+        except web.HTTPException:
+            raise  # redirects
+        except Exception:  # a storage error: what and where go to the log, never to the page
+            log.exception("page %s failed", request.path)
+            return render(request, "error.html", 500, viewer=viewer, title="Something went wrong",
+                          message="The page could not be made; the registry's log says why.")
     return run
 
 
@@ -175,9 +186,10 @@ async def repositories(request: web.Request, viewer: Viewer) -> web.Response:
     names = [n for n in await inventory.names() if viewer.may(n, "pull") and query in n]
     number = page_number(request)
     shown = names[(number - 1) * REPOSITORIES_PER_PAGE:number * REPOSITORIES_PER_PAGE]
-    overviews = await asyncio.gather(*(_overview_or_none(inventory, n) for n in shown))
+    found = await within_budget({n: _overview_or_none(inventory, n) for n in shown})
+    rows = [(n, found.get(n)) for n in shown if n not in found or found[n] is not None]  # not: deleted
     return render(request, "repositories.html", viewer=viewer, title="Repositories", query=query,
-                  rows=[o for o in overviews if o is not None], total=len(names), page=number,
+                  rows=rows, pending=len(found) < len(shown), total=len(names), page=number,
                   pages=max(1, math.ceil(len(names) / REPOSITORIES_PER_PAGE)))
 
 
@@ -188,21 +200,43 @@ async def _overview_or_none(inventory: Inventory, name: str) -> RepositoryOvervi
         return None  # deleted since the names were walked
 
 
+async def within_budget(work: dict[str, Awaitable[T]]) -> dict[str, T]:
+    """What of `work` is done within PAGE_BUDGET. The rest goes on behind the page, filling the
+    caches the next look finds it in: a page's first look after a restart, at repositories of
+    thousands of manifests, is not held up by reading every one of them."""
+    tasks = {key: asyncio.ensure_future(w) for key, w in work.items()}
+    if tasks:
+        await asyncio.wait(tasks.values(), timeout=PAGE_BUDGET)
+    done = {}
+    for key, task in tasks.items():
+        if task.done():
+            done[key] = task.result()
+        else:
+            task.add_done_callback(_log_failure)
+    return done
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("counting behind a page failed", exc_info=task.exception())
+
+
 @page
 async def repository(request: web.Request, viewer: Viewer) -> web.Response:
     name = visible_repository(request, viewer)
     inventory = request.app[INVENTORY_KEY]
-    overview = await inventory.overview(name)
+    registry = request.app[REGISTRY_KEY]
+    all_tags = await registry.repository(name).tags.all()
+    overview = (await within_budget({name: inventory.overview(name, all_tags)})).get(name)
     query = request.query.get("q", "").strip()
-    tags = [t for t in overview.tags if query in t]
+    tags = [t for t in all_tags if query in t]
     number = page_number(request)
     infos = await inventory.tags(name, tags[(number - 1) * TAGS_PER_PAGE:number * TAGS_PER_PAGE])
     children = await inventory.summaries([c.digest for i in infos if i.summary for c in i.summary.children])
-    usage = inventory.usage(USAGE_MAX_AGE)
-    registry = request.app[REGISTRY_KEY]
+    usage = inventory.last_usage  # counted for the storage page: a count costs a walk of everything
     return render(request, "repository.html", viewer=viewer, title=name, name=name, overview=overview,
-                  tags=infos, children=children, query=query, page=number, total=len(tags),
-                  pages=max(1, math.ceil(len(tags) / TAGS_PER_PAGE)), host=pull_host(request),
+                  tag_count=len(all_tags), tags=infos, children=children, query=query, page=number,
+                  total=len(tags), pages=max(1, math.ceil(len(tags) / TAGS_PER_PAGE)), host=pull_host(request),
                   shared=usage.shared(name) if usage else None,
                   may_delete=viewer.may(name, "delete") and registry.delete_enabled and not registry.readonly,
                   deleted=request.query.get("deleted"), image_size=functools.partial(_image_size, inventory))
@@ -250,6 +284,8 @@ async def delete_tag(request: web.Request, viewer: Viewer) -> web.StreamResponse
         if not same_origin(request):
             raise Denied(None, "The request did not come from this registry's pages.")
         await repo.manifests.delete(tag)
+        request[IDENTITY_KEY] = Identity(viewer.user)  # the event's actor, as for the API's DELETE
+        events.emit(request, "delete", {"repository": name, "tag": tag})
         raise web.HTTPSeeOther(ui_url(request, f"/repo/{name}?deleted={tag}"))
     return render(request, "delete.html", viewer=viewer, title=f"Delete {name}:{tag}", name=name, tag=tag,
                   digest=d)
