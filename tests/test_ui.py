@@ -235,6 +235,9 @@ async def test_search_and_pages(client):
     assert "No repository matches" in doc.text
     doc, _ = await page(client, "/ui/?page=banana")  # a page number that is not one: the first
     assert len(rows(doc, "data_repository")) == 50
+    await client.app[INVENTORY].wait_for_usage()
+    doc, _ = await page(client, "/ui/storage?page=2")
+    assert len(rows(doc, "data_repository")) == 7 and doc.find("a", rel="prev")
 
 
 async def test_tag_search_and_pages(client):
@@ -334,6 +337,31 @@ async def test_a_page_is_not_held_up_by_what_it_has_not_read_yet(aiohttp_client,
     gate.set()
 
 
+async def test_the_first_look_lists_a_page_before_every_name_is_walked(client):
+    for i in range(60):
+        await push_image(client, f"r/{i:02d}", "v1", [b"layer"])
+    inventory = client.app[INVENTORY]
+    walked, release = inventory._refresh_names, asyncio.Event()
+
+    async def slow_walk() -> None:
+        await release.wait()
+        await walked()
+    inventory._refresh_names = slow_walk
+    doc, _ = await page(client, "/ui/")
+    assert list(rows(doc, "data_repository")) == [f"r/{i:02d}" for i in range(50)]
+    assert "Listing every repository" in doc.text and doc.by_id("pending")
+    assert doc.find("a", rel="next").attrs["href"] == "?page=2"
+    doc, _ = await page(client, "/ui/?page=2")  # a walk to its end is all of them
+    assert list(rows(doc, "data_repository")) == [f"r/{i:02d}" for i in range(50, 60)]
+    assert "60 repositories" in doc.text and not doc.find_all(id="pending")
+    search = asyncio.ensure_future(page(client, "/ui/?q=r/5"))  # a search waits for every name
+    await asyncio.sleep(0.2)
+    assert not search.done()
+    release.set()
+    doc, _ = await asyncio.wait_for(search, 10)
+    assert list(rows(doc, "data_repository")) == [f"r/{i:02d}" for i in range(50, 60)]
+
+
 async def test_a_storage_error_is_a_page_that_says_nothing_of_the_storage(aiohttp_client, data_dir, caplog):
     driver = FaultyDriver(FilesystemDriver(str(data_dir)))
     client = await aiohttp_client(make_app(make_config(data_dir), Registry(driver)))
@@ -346,6 +374,34 @@ async def test_a_storage_error_is_a_page_that_says_nothing_of_the_storage(aiohtt
         assert str(data_dir) not in await r.text() and "Errno" not in await r.text()
     assert "page /ui/ failed" in caplog.text
     await page(client, "/ui/")  # and the storage is fine again
+
+
+async def test_a_failed_refresh_of_the_names_is_logged_and_the_last_walk_served(aiohttp_client, data_dir, caplog):
+    driver = FaultyDriver(FilesystemDriver(str(data_dir)))
+    client = await aiohttp_client(make_app(make_config(data_dir), Registry(driver)))
+    await push_image(client, "team/app", "v1", [b"layer"])
+    inventory = client.app[INVENTORY]
+    now = [1000.0]
+    inventory.clock = lambda: now[0]
+    doc, _ = await page(client, "/ui/")
+    now[0] += 60  # the walk is old: the next look starts another behind it
+    await push_image(client, "team/new", "v1", [b"layer"])
+    driver.inject("list", errno.EIO, "repositories/team/new", times=-1)  # met by the walk alone
+    doc, _ = await page(client, "/ui/")
+    assert list(rows(doc, "data_repository")) == ["team/app"]
+    for _ in range(100):
+        if "reading what the registry holds failed" in caplog.text:
+            break
+        await asyncio.sleep(0.02)
+    assert "reading what the registry holds failed" in caplog.text
+    driver.faults.clear()
+    await page(client, "/ui/")  # starts a walk that succeeds
+    for _ in range(100):
+        doc, _ = await page(client, "/ui/")
+        if "team/new" in rows(doc, "data_repository"):
+            break
+        await asyncio.sleep(0.02)
+    assert list(rows(doc, "data_repository")) == ["team/app", "team/new"]
 
 
 # -- who sees what -------------------------------------------------------------------------------
@@ -397,6 +453,30 @@ async def test_the_policy_decides_what_each_viewer_sees(guarded):
     await guarded.app[INVENTORY].wait_for_usage()
     doc, _ = await page(guarded, "/ui/storage", headers=basic("bob", "b"))
     assert list(rows(doc, "data_repository")) == ["public/tools", "team-a/app"]
+
+
+async def test_in_token_mode_a_browser_signs_in_with_the_token_servers_users(app_factory, aiohttp_client, tmp_path):
+    """Browsers do not fetch tokens: the UI checks Basic credentials against the htpasswd file the
+    built-in token server issues tokens for, and the policy decides as it does for tokens."""
+    open_registry = await aiohttp_client(app_factory())
+    for name in ("public/tools", "team-b/secret"):
+        await push_image(open_registry, name, "v1", [name.encode()])
+    users = htpasswd_file(tmp_path / "htpasswd", {"alice": "a", "bob": "b"})
+    (tmp_path / "policy.yml").write_text(POLICY)
+    client = await aiohttp_client(app_factory(
+        REGISTRY_AUTH_TOKEN_SERVICE="reg.test", REGISTRY_AUTH_TOKEN_ISSUER="regserve-test",
+        REGISTRY_AUTH_TOKENSERVER_HTPASSWD=str(users),
+        REGISTRY_AUTH_TOKENSERVER_SIGNINGKEY=str(tmp_path / "keys" / "token.key"),
+        REGISTRY_AUTH_ACCESSCONTROL_POLICY=str(tmp_path / "policy.yml")))
+    assert (await client.get("/v2/public/tools/tags/list")).status == 401  # the API wants a token
+    seen = {}
+    for who, auth in (("alice", basic("alice", "a")), ("bob", basic("bob", "b")), ("anonymous", {})):
+        doc, _ = await page(client, "/ui/", headers=auth)
+        seen[who] = list(rows(doc, "data_repository"))
+    assert seen == {"alice": ["public/tools", "team-b/secret"], "bob": ["public/tools"],
+                    "anonymous": ["public/tools"]}
+    _, r = await page(client, "/ui/login", 401)
+    assert r.headers["WWW-Authenticate"].startswith("Basic ")
 
 
 async def test_signing_in_asks_the_browser_for_credentials(guarded):

@@ -16,7 +16,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from ..errors import BlobUnknown, ManifestInvalid, RegistryError
 from ..reference import Digest, parse_digest
@@ -27,6 +27,7 @@ from .manifests import INDEX_TYPES, Descriptor, parse_manifest
 from .registry import Registry, list_or_empty, walk_repositories
 
 log = logging.getLogger("regserve.inventory")
+T = TypeVar("T")
 IMAGE_CONFIGS = {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
 MAX_CONFIG_BYTES = 4 << 20   # an image config is a few KiB; a larger one is not read for a summary
 NAMES_TTL = 10.0             # seconds a walk of every repository name is served before another
@@ -98,9 +99,16 @@ class Usage:
     taken_at: float
     repositories: dict[str, dict[Digest, int]]
     holders: Counter  # digest -> how many repositories keep it
+    sizes: dict[str, int] = field(default_factory=dict)
+    shares: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, blobs in self.repositories.items():
+            self.sizes[name] = sum(blobs.values())
+            self.shares[name] = sum(size for d, size in blobs.items() if self.holders[d] > 1)
 
     def shared(self, name: str) -> int:
-        return sum(size for d, size in self.repositories.get(name, {}).items() if self.holders[d] > 1)
+        return self.shares.get(name, 0)
 
     def total(self, names: list[str]) -> int:
         """Bytes the given repositories take together, each blob counted once."""
@@ -126,12 +134,10 @@ class Inventory:
         self.driver = registry.driver
         self.clock = clock
         self._summaries: LRU = LRU(50_000)
-        self._reading: dict[Digest, asyncio.Future] = {}
+        self._running: dict[Any, asyncio.Future] = {}  # reads and overviews in progress
         self._pushed_at: LRU = LRU(200_000)   # (name, digest) -> mtime of its revision link
         self._names: tuple[float, list[str]] | None = None
-        self._names_task: asyncio.Task | None = None
         self._usage: Usage | None = None
-        self._usage_task: asyncio.Task | None = None
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -139,11 +145,20 @@ class Inventory:
         """Every repository with manifests, in order. Served from the last walk while it is
         young; an older one is still served while a new walk runs behind it."""
         if self._names is None:
-            await self._refresh_names()
+            await self._shared("names", self._refresh_names)
         elif self.clock() - self._names[0] > NAMES_TTL:
-            self._names_task = _once(self._names_task, self._refresh_names)
+            self._behind("names", self._refresh_names)
         assert self._names is not None
         return self._names[1]
+
+    async def first_names(self, count: int) -> tuple[list[str], bool]:
+        """Every name (and True) when a walk of them is at hand; else, while the first walk of
+        them runs behind, the first `count` names in order (and False), which a walk that stops
+        there finds at once."""
+        if self._names is not None:
+            return await self.names(), True
+        self._behind("names", self._refresh_names)
+        return await walk_repositories(self.driver, ("_manifests",), None, count), False
 
     async def _refresh_names(self) -> None:
         started = self.clock()
@@ -165,14 +180,25 @@ class Inventory:
 
     async def _read_once(self, d: Digest) -> Summary:
         """The manifest read by one request at a time: pages that want it at once share it."""
-        reading = self._reading.get(d)
-        if reading is None:
-            reading = self._reading[d] = asyncio.ensure_future(self._read_manifest(d))
-            reading.add_done_callback(lambda _: self._reading.pop(d, None))
-        summary = await asyncio.shield(reading)
+        summary = await self._shared(("manifest", d), lambda: self._read_manifest(d))
         if self._summaries.get(d) is None:
             self._summaries.put(d, summary)
         return summary
+
+    async def _shared(self, key: Any, start: Callable[[], Awaitable[T]]) -> T:
+        """`start()`'s result, started once for everyone who asks while it runs; one who gives
+        up waiting (a page out of time) leaves it running for the others and the caches."""
+        running = self._running.get(key)
+        if running is None:
+            running = self._running[key] = asyncio.ensure_future(start())
+            running.add_done_callback(lambda _: self._running.pop(key, None))
+        return await asyncio.shield(running)
+
+    def _behind(self, key: Any, start: Callable[[], Awaitable[None]]) -> None:
+        """Start `start()` behind the request, unless it runs already. A failure is logged, and
+        what the last one found is served meanwhile."""
+        if key not in self._running:
+            asyncio.ensure_future(self._shared(key, start)).add_done_callback(log_failure)
 
     async def _read_manifest(self, d: Digest) -> Summary:
         payload = await self.registry.blob_store.read_small(d)
@@ -263,7 +289,10 @@ class Inventory:
 
     async def overview(self, name: str, tags: list[str] | None = None) -> RepositoryOverview:
         """Tags (unless given, as listed just now), revisions, last push and the bytes the
-        repository's manifests keep."""
+        repository's manifests keep; one in progress is shared."""
+        return await self._shared(("overview", name), lambda: self._overview(name, tags))
+
+    async def _overview(self, name: str, tags: list[str] | None) -> RepositoryOverview:
         if tags is None:
             tags = await self.registry.repository(name).tags.all()
         revisions = await self.revisions(name)
@@ -305,13 +334,12 @@ class Inventory:
         """The latest count of storage used per repository (None before the first is done);
         one older than `max_age` starts a new count behind it."""
         if self._usage is None or self.clock() - self._usage.taken_at > max_age:
-            self._usage_task = _once(self._usage_task, self._count_usage)
+            self._behind("usage", self._count_usage)
         return self._usage
 
     async def wait_for_usage(self) -> Usage:
-        self.usage(0)
-        assert self._usage_task is not None
-        await asyncio.shield(self._usage_task)
+        """The count running now, or a new one."""
+        await self._shared("usage", self._count_usage)
         assert self._usage is not None
         return self._usage
 
@@ -332,19 +360,10 @@ class Inventory:
         self._usage = Usage(started, per_repo, holders)
 
 
-def _once(task: asyncio.Task | None, start: Callable[[], Awaitable[None]]) -> asyncio.Task:
-    """The running task, or a new one: one refresh at a time. A refresh that fails is logged,
-    and what the last one found is served meanwhile."""
-    if task is not None and not task.done():
-        return task
-    task = asyncio.ensure_future(start())
-    task.add_done_callback(_log_failure)
-    return task
-
-
-def _log_failure(task: asyncio.Task) -> None:
+def log_failure(task: asyncio.Future) -> None:
+    """For work nobody awaits any more: its failure is logged, not lost."""
     if not task.cancelled() and task.exception() is not None:
-        log.error("inventory refresh failed", exc_info=task.exception())
+        log.error("reading what the registry holds failed", exc_info=task.exception())
 
 
 async def _bounded(items: list, work: Callable[[Any], Awaitable[None]], limit: int) -> None:

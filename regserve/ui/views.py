@@ -33,13 +33,12 @@ from ..errors import (
     ManifestUnknown,
     NameInvalid,
     NameUnknown,
-    ReadOnly,
     TooManyRequests,
     Unauthorized,
     Unsupported,
 )
 from ..reference import TAG_RE, Digest, check_name, parse_digest
-from ..registry.inventory import IMAGE_CONFIGS, Inventory, RepositoryOverview, Summary
+from ..registry.inventory import IMAGE_CONFIGS, Inventory, RepositoryOverview, Summary, log_failure
 from ..registry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 
 INVENTORY_KEY = web.AppKey("inventory", Inventory)
@@ -59,7 +58,7 @@ SECURITY_HEADERS = {
 KINDS = {OCI_MANIFEST: "OCI image", OCI_INDEX: "OCI index", DOCKER_MANIFEST: "Docker image",
          DOCKER_LIST: "Docker manifest list"}
 # Artifact types people know by what they are for (referrers are grouped by these).
-PURPOSES = (("signature", "Signatures"), ("sig", "Signatures"), ("spdx", "SBOMs"), ("cyclonedx", "SBOMs"),
+PURPOSES = (("signature", "Signatures"), (".sig.", "Signatures"), ("spdx", "SBOMs"), ("cyclonedx", "SBOMs"),
             ("sbom", "SBOMs"), ("in-toto", "Attestations"), ("attestation", "Attestations"),
             ("provenance", "Attestations"), ("vuln", "Vulnerability reports"))
 STATIC = {"ui.css": "text/css", "ui.js": "text/javascript"}
@@ -111,11 +110,11 @@ def page(handler: Callable[[web.Request, Viewer], Awaitable[web.StreamResponse]]
             return await handler(request, viewer)
         except Unauthorized as err:
             return render(request, "error.html", 401, {"WWW-Authenticate": err.challenge or 'Basic realm="regserve"'},
-                          viewer=viewer, title="Sign-in failed", message=err.message)
+                          viewer=viewer, title="Sign in", message=err.message)
         except (NotFound, NameInvalid, NameUnknown, ManifestUnknown, DigestInvalid):
             return render(request, "error.html", 404, viewer=viewer, title="Not found",
                           message="There is nothing here, or nothing you may see.")
-        except (Denied, Unsupported, ReadOnly) as err:
+        except (Denied, Unsupported) as err:  # ReadOnly is one
             return render(request, "error.html", 403, viewer=viewer, title="Not allowed", message=err.message)
         except TooManyRequests:
             return render(request, "error.html", 429, {"Retry-After": "1"}, viewer=viewer, title="Busy",
@@ -183,14 +182,25 @@ def purpose_of(artifact_type: str) -> str:
 async def repositories(request: web.Request, viewer: Viewer) -> web.Response:
     inventory = request.app[INVENTORY_KEY]
     query = request.query.get("q", "").strip().lower()
-    names = [n for n in await inventory.names() if viewer.may(n, "pull") and query in n]
     number = page_number(request)
+    wanted = number * REPOSITORIES_PER_PAGE + 1
+    listed, complete = [], True
+    if not query:  # the first look after a start need not wait for a walk of thousands of names
+        listed, complete = await inventory.first_names(wanted)
+        complete = complete or len(listed) < wanted  # that was all of them
+    names = [n for n in listed if viewer.may(n, "pull")]
+    if query or (not complete and len(names) < wanted):  # a search, or a page the policy left short
+        listed, complete = await inventory.names(), True
+        names = [n for n in listed if viewer.may(n, "pull") and query in n]
     shown = names[(number - 1) * REPOSITORIES_PER_PAGE:number * REPOSITORIES_PER_PAGE]
     found = await within_budget({n: _overview_or_none(inventory, n) for n in shown})
     rows = [(n, found.get(n)) for n in shown if n not in found or found[n] is not None]  # not: deleted
+    pages = max(1, math.ceil(len(names) / REPOSITORIES_PER_PAGE))
+    if not complete:  # how many there are is not known yet: a next page if the walk went past this one
+        pages = number + 1 if len(listed) > number * REPOSITORIES_PER_PAGE else number
     return render(request, "repositories.html", viewer=viewer, title="Repositories", query=query,
-                  rows=rows, pending=len(found) < len(shown), total=len(names), page=number,
-                  pages=max(1, math.ceil(len(names) / REPOSITORIES_PER_PAGE)))
+                  rows=rows, pending=len(found) < len(shown) or not complete,
+                  total=len(names) if complete else None, page=number, pages=pages)
 
 
 async def _overview_or_none(inventory: Inventory, name: str) -> RepositoryOverview | None:
@@ -212,13 +222,8 @@ async def within_budget(work: dict[str, Awaitable[T]]) -> dict[str, T]:
         if task.done():
             done[key] = task.result()
         else:
-            task.add_done_callback(_log_failure)
+            task.add_done_callback(log_failure)
     return done
-
-
-def _log_failure(task: asyncio.Future) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("counting behind a page failed", exc_info=task.exception())
 
 
 @page
@@ -311,12 +316,13 @@ async def storage(request: web.Request, viewer: Viewer) -> web.Response:
     if usage is None:
         return render(request, "storage.html", viewer=viewer, title="Storage used", usage=None,
                       headers={"Refresh": "2"})
-    names = sorted((n for n in usage.repositories if viewer.may(n, "pull")),
-                   key=lambda n: (-sum(usage.repositories[n].values()), n))
-    rows = [(n, sum(usage.repositories[n].values()), usage.shared(n)) for n in names]
-    age = inventory.clock() - usage.taken_at
+    names = sorted((n for n in usage.repositories if viewer.may(n, "pull")), key=lambda n: (-usage.sizes[n], n))
+    number = page_number(request)
+    rows = [(n, usage.sizes[n], usage.shared(n))
+            for n in names[(number - 1) * REPOSITORIES_PER_PAGE:number * REPOSITORIES_PER_PAGE]]
     return render(request, "storage.html", viewer=viewer, title="Storage used", usage=usage, rows=rows,
-                  total=usage.total(names), age=age)
+                  total=usage.total(names), age=inventory.clock() - usage.taken_at, count=len(names),
+                  page=number, pages=max(1, math.ceil(len(names) / REPOSITORIES_PER_PAGE)))
 
 
 @page
