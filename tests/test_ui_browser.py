@@ -19,20 +19,9 @@ from .authutil import basic, htpasswd_file
 from .conftest import ROOT, http, require_tool
 from .oci_layout import CREATED, build_image, build_index, build_referrer
 from .test_e2e_skopeo import skopeo
+from .test_ui import POLICY, SIGNATURE
 
-SIGNATURE = "application/vnd.dev.cosign.artifact.sig.v1+json"
 SCREENSHOTS = Path(os.environ.get("REGSERVE_SCREENSHOTS", ROOT / "tests" / "screenshots"))
-POLICY = """
-groups:
-  admins: [alice]
-rules:
-  - repositories: ["**"]
-    groups: [admins]
-    actions: [pull, push, delete]
-  - repositories: ["team/**"]
-    users: [bob]
-    actions: [pull]
-"""
 
 
 def layout_sizes(layout: Path, digest: str, seen: dict[str, int] | None = None) -> dict[str, int]:
@@ -67,22 +56,22 @@ def registry(tmp_path_factory) -> Iterator[dict[str, Any]]:
         host = server.url.removeprefix("http://")
         creds = "--dest-creds=alice:alice-pw"
         pushed: dict[str, Any] = {"host": host, "url": server.url}
-        for name, build, ref in (("team/app", build_image, "v1"), ("team/multi", build_index, "latest"),
-                                 ("secret/vault", build_image, "v1")):
+        for name, build, ref in (("team-a/app", build_image, "v1"), ("team-a/multi", build_index, "latest"),
+                                 ("team-b/vault", build_image, "v1")):
             layout = tmp / name.replace("/", "-")
             kwargs = {"big_bytes": 3 << 20} if build is build_image else {}
             digest = build(layout, ref, ROOT / "regserve" / "registry", **kwargs)
             skopeo("copy", "--all", "--preserve-digests", "--dest-tls-verify=false", creds,
                    f"oci:{layout}:{ref}", f"docker://{host}/{name}:{ref}")
             pushed[name] = {"digest": digest, "layout": layout, "blobs": layout_sizes(layout, digest)}
-        app = pushed["team/app"]
+        app = pushed["team-a/app"]
         manifest = app["layout"] / "blobs" / "sha256" / app["digest"].split(":")[1]
         subject = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": app["digest"],
                    "size": manifest.stat().st_size}
         sig_layout = tmp / "signature"
         sig = build_referrer(sig_layout, "sig", subject, SIGNATURE, b"a signature, as cosign stores one")
         skopeo("copy", "--preserve-digests", "--dest-tls-verify=false", creds, f"oci:{sig_layout}:sig",
-               f"docker://{host}/team/app@{sig}")
+               f"docker://{host}/team-a/app@{sig}")
         pushed["signature"] = {"digest": sig, "blobs": layout_sizes(sig_layout, sig)}
         yield pushed
     finally:
@@ -168,14 +157,14 @@ def test_pages_show_what_skopeo_pushed(registry, browser):
     alice = Visitor(browser, registry["url"], "alice", "alice-pw")
     alice.open("/ui/", "repositories")
     listed = alice.rows("repositories", "data-repository")
-    assert list(listed) == ["secret/vault", "team/app", "team/multi"]
+    assert list(listed) == ["team-a/app", "team-a/multi", "team-b/vault"]
     assert alice.text("#user") == "alice"
-    app, multi, sig = registry["team/app"], registry["team/multi"], registry["signature"]
-    assert bytes_in(listed["team/app"]) == sum({**app["blobs"], **sig["blobs"]}.values())
-    assert bytes_in(listed["team/multi"]) == sum(multi["blobs"].values())
-    assert listed["team/multi"].find_element("css selector", ".tags").text == "1"
+    app, multi, sig = registry["team-a/app"], registry["team-a/multi"], registry["signature"]
+    assert bytes_in(listed["team-a/app"]) == sum({**app["blobs"], **sig["blobs"]}.values())
+    assert bytes_in(listed["team-a/multi"]) == sum(multi["blobs"].values())
+    assert listed["team-a/multi"].find_element("css selector", ".tags").text == "1"
 
-    alice.open("/ui/repo/team/multi", "tags")
+    alice.open("/ui/repo/team-a/multi", "tags")
     latest = alice.rows("tags", "data-tag")["latest"]
     assert latest.find_element("css selector", "a.digest").get_attribute("title") == multi["digest"]
     platforms = [li.get_attribute("data-platform") for li in latest.find_elements("css selector", "li")]
@@ -183,8 +172,8 @@ def test_pages_show_what_skopeo_pushed(registry, browser):
     assert bytes_in(latest, ".size") == sum(multi["blobs"].values())
     assert latest.find_element("css selector", ".created").text == "2026-11-30 10:00 UTC" == _utc(CREATED)
     pulls = [b.get_attribute("data-copy") for b in latest.find_elements("css selector", "button.copy")]
-    assert pulls == [f"docker pull {registry['host']}/team/multi:latest",
-                     f"podman pull {registry['host']}/team/multi:latest"]
+    assert pulls == [f"docker pull {registry['host']}/team-a/multi:latest",
+                     f"podman pull {registry['host']}/team-a/multi:latest"]
 
     latest.find_element("css selector", "a.digest").click()
     alice.wait_for("#platforms")
@@ -192,7 +181,7 @@ def test_pages_show_what_skopeo_pushed(registry, browser):
     assert alice.text("#digest") == multi["digest"]
     assert list(alice.rows("platforms", "data-platform")) == ["linux/amd64", "linux/arm64"]
 
-    alice.open(f"/ui/repo/team/app/-/manifest/{app['digest']}?tag=v1", "manifest")
+    alice.open(f"/ui/repo/team-a/app/-/manifest/{app['digest']}?tag=v1", "manifest")
     assert alice.text("#platform") == "linux/amd64"
     layers = browser.find_elements("css selector", "#layers tr.layer")
     doc = json.loads((app["layout"] / "blobs/sha256" / app["digest"].split(":")[1]).read_bytes())
@@ -215,9 +204,9 @@ def test_pages_show_what_skopeo_pushed(registry, browser):
     alice.screenshot("storage")
     usage = alice.rows("usage", "data-repository")
     shared = {name: bytes_in(row, ".shared") for name, row in usage.items()}
-    # secret/vault and team/app were built from the same sources: their first layer is shared.
-    common = set(app["blobs"]) & set(registry["secret/vault"]["blobs"])
-    assert common and shared["team/app"] == shared["secret/vault"] == sum(app["blobs"][d] for d in common)
+    # team-b/vault and team-a/app were built from the same sources: their first layer is shared.
+    common = set(app["blobs"]) & set(registry["team-b/vault"]["blobs"])
+    assert common and shared["team-a/app"] == shared["team-b/vault"] == sum(app["blobs"][d] for d in common)
 
 
 def _utc(stamp: str) -> str:
@@ -228,11 +217,11 @@ def test_copy_buttons_copy_the_pull_line(registry, browser):
     alice = Visitor(browser, registry["url"], "alice", "alice-pw")
     browser.execute_cdp_cmd("Browser.grantPermissions", {
         "origin": registry["url"], "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
-    alice.open("/ui/repo/team/app")
+    alice.open("/ui/repo/team-a/app")
     button = browser.find_element("css selector", 'tr[data-tag="v1"] button.copy')
     button.click()
     copied = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0])")
-    assert copied == f"docker pull {registry['host']}/team/app:v1"
+    assert copied == f"docker pull {registry['host']}/team-a/app:v1"
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
     WebDriverWait(browser, 10).until(expected_conditions.text_to_be_present_in_element(
@@ -242,13 +231,13 @@ def test_copy_buttons_copy_the_pull_line(registry, browser):
 def test_the_policy_hides_what_a_reader_may_not_pull(registry, browser):
     bob = Visitor(browser, registry["url"], "bob", "bob-pw")
     bob.open("/ui/", "repositories-reader")
-    assert list(bob.rows("repositories", "data-repository")) == ["team/app", "team/multi"]
-    bob.open("/ui/repo/secret/vault")
+    assert list(bob.rows("repositories", "data-repository")) == ["team-a/app", "team-a/multi"]
+    bob.open("/ui/repo/team-b/vault")
     assert browser.find_element("css selector", "h1").text == "Not found"
     assert "vault" not in browser.find_element("css selector", "main").text
-    bob.open("/ui/repo/team/app")
+    bob.open("/ui/repo/team-a/app")
     assert not browser.find_elements("css selector", "a.danger")
-    bob.open("/ui/repo/team/app/-/tag/v1/delete")
+    bob.open("/ui/repo/team-a/app/-/tag/v1/delete")
     assert browser.find_element("css selector", "h1").text == "Not allowed"
     anonymous = Visitor(browser, registry["url"], None)
     anonymous.open("/ui/", "repositories-anonymous")
@@ -259,28 +248,28 @@ def test_the_policy_hides_what_a_reader_may_not_pull(registry, browser):
 
 def test_a_tag_deleted_through_the_page(registry, browser):
     host, url = registry["host"], registry["url"]
-    layout = registry["team/app"]["layout"]
+    layout = registry["team-a/app"]["layout"]
     skopeo("copy", "--preserve-digests", "--dest-tls-verify=false", "--dest-creds=alice:alice-pw",
-           f"oci:{layout}:v1", f"docker://{host}/team/app:to-delete")
+           f"oci:{layout}:v1", f"docker://{host}/team-a/app:to-delete")
     alice = Visitor(browser, url, "alice", "alice-pw")
-    alice.open("/ui/repo/team/app")
+    alice.open("/ui/repo/team-a/app")
     browser.find_element("css selector", 'tr[data-tag="to-delete"] a.danger').click()
     alice.wait_for("#confirm-delete")
     alice.screenshot("delete-confirm")
-    assert "Delete tag team/app:to-delete?" in browser.find_element("css selector", "h1").text
+    assert "Delete tag team-a/app:to-delete?" in browser.find_element("css selector", "h1").text
     browser.find_element("css selector", "#confirm-delete").click()
     alice.wait_for(".notice")
     assert "was deleted" in alice.text(".notice")
     assert "to-delete" not in alice.rows("tags", "data-tag")
-    status, _, _ = http("GET", f"{url}/v2/team/app/manifests/to-delete", headers=basic("alice", "alice-pw"))
+    status, _, _ = http("GET", f"{url}/v2/team-a/app/manifests/to-delete", headers=basic("alice", "alice-pw"))
     assert status == 404
-    status, _, _ = http("GET", f"{url}/v2/team/app/manifests/v1", headers=basic("alice", "alice-pw"))
+    status, _, _ = http("GET", f"{url}/v2/team-a/app/manifests/v1", headers=basic("alice", "alice-pw"))
     assert status == 200  # the same manifest, by its other tag
 
 
 def test_dark_mode_and_a_phone_sized_screen(registry, browser):
     alice = Visitor(browser, registry["url"], "alice", "alice-pw")
-    alice.open("/ui/repo/team/multi")
+    alice.open("/ui/repo/team-a/multi")
     light = browser.execute_script("return getComputedStyle(document.body).backgroundColor")
     browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [
         {"name": "prefers-color-scheme", "value": "dark"}]})
@@ -288,8 +277,8 @@ def test_dark_mode_and_a_phone_sized_screen(registry, browser):
     alice.screenshot("tags-dark")
     assert light == "rgb(255, 255, 255)" and dark == "rgb(15, 20, 25)"
     browser.set_window_size(390, 844)
-    for path, name in (("/ui/", "phone-repositories"), ("/ui/repo/team/multi", "phone-tags"),
-                       (f"/ui/repo/team/app/-/manifest/{registry['team/app']['digest']}", "phone-manifest")):
+    for path, name in (("/ui/", "phone-repositories"), ("/ui/repo/team-a/multi", "phone-tags"),
+                       (f"/ui/repo/team-a/app/-/manifest/{registry['team-a/app']['digest']}", "phone-manifest")):
         alice.open(path, name)
         # Nothing wider than the screen but the tables, which scroll inside their own box.
         overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
@@ -301,8 +290,8 @@ def test_dark_mode_and_a_phone_sized_screen(registry, browser):
 
 def test_every_page_has_a_language_one_heading_and_labelled_controls(registry, browser):
     alice = Visitor(browser, registry["url"], "alice", "alice-pw")
-    for path in ("/ui/", "/ui/repo/team/app", f"/ui/repo/team/app/-/manifest/{registry['team/app']['digest']}",
-                 "/ui/storage", "/ui/repo/team/app/-/tag/v1/delete", "/ui/repo/nothing"):
+    for path in ("/ui/", "/ui/repo/team-a/app", f"/ui/repo/team-a/app/-/manifest/{registry['team-a/app']['digest']}",
+                 "/ui/storage", "/ui/repo/team-a/app/-/tag/v1/delete", "/ui/repo/nothing"):
         alice.open(path)
         assert browser.find_element("css selector", "html").get_attribute("lang") == "en"
         assert len(browser.find_elements("css selector", "h1")) == 1, path
