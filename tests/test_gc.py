@@ -230,6 +230,7 @@ MARKING_READS = [
     ("list", "/_manifests/tags"),                          # a repository's tags
     ("list", "/_manifests/revisions/sha256"),              # a repository's manifests
     ("list", "/repositories"),                             # the repositories
+    ("list", "/repositories/b"),                           # a repository's directory (list_many)
 ]
 LATER = 60  # collections here run a minute after the push: what was pushed is older than them
 

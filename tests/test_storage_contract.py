@@ -91,6 +91,20 @@ async def test_list_gives_direct_children_as_full_paths(driver):
         await driver.list("/nothing")
 
 
+async def test_list_many_lists_each_prefix_as_list_does(driver):
+    for p in ("/r/one", "/r/two/x", "/r/two/y", "/r/three/deep/z"):
+        await driver.put_content(p, b".")
+    wanted = ["/r", "/r/two", "/r/three/deep", "/nothing", "/r/gone"]
+    listed = await driver.list_many(wanted)
+    assert list(listed) == wanted
+    assert {k: sorted(v) if v is not None else None for k, v in listed.items()} == {
+        "/r": ["/r/one", "/r/three", "/r/two"], "/r/two": ["/r/two/x", "/r/two/y"],
+        "/r/three/deep": ["/r/three/deep/z"], "/nothing": None, "/r/gone": None}
+    assert await driver.list_many([]) == {}
+    with pytest.raises(ValueError):  # paths are checked as for every call
+        await driver.list_many(["/r", "relative"])
+
+
 async def test_exclusive_put_has_exactly_one_winner(driver):
     await driver.put_content("/once", b"first", exclusive=True)
     with pytest.raises(AlreadyExists):

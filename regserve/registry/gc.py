@@ -29,7 +29,7 @@ import json
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .. import metrics
 from ..errors import BlobUnknown, DamagedContent, ManifestUnknown, NameUnknown, RegistryError
@@ -327,11 +327,16 @@ class _AbsenceRecorder:
         self._began = began
         self._absent: list[tuple[str, str]] = []
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # every read marking makes is one of those below
         return getattr(self._driver, name)
 
     async def list(self, path: str) -> list[str]:
         return await self._observe("list", path)
+
+    async def list_many(self, paths: Sequence[str]) -> dict[str, list[str] | None]:
+        listed = await self._driver.list_many(paths)
+        self._absent += [("list", path) for path, children in listed.items() if children is None]
+        return listed
 
     async def get_content(self, path: str) -> bytes:
         return await self._observe("get_content", path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import re
@@ -20,7 +19,7 @@ from .uploads import Uploads
 
 log = logging.getLogger("regserve.registry")
 _COMPONENT_RE = re.compile(COMPONENT)
-LIST_BATCH = 32  # directories a walk lists at once
+LIST_BATCH = 128  # directories a walk lists at once (in one call of the driver)
 
 
 class Repository:
@@ -141,8 +140,8 @@ async def walk_repositories(driver: StorageDriver, markers: tuple[str, ...], aft
             if _COMPONENT_RE.fullmatch(base):
                 items += [(prefix + base, 0, child), (prefix + base + "/", 1, child)]
         items.sort()
-        # A directory's children are listed a batch at a time, concurrently: one listing costs
-        # more in waiting for a thread (or S3) than in work. A batch is no larger than the names
+        # A directory's children are listed a batch at a time, in one call of the driver: one
+        # listing costs more in waiting for a thread (or S3) than in work. A batch is no larger than the names
         # a page still needs, so a page that stops early lists nothing for nothing.
         wanted = [child for key, is_tree, child in items if not is_tree and (after is None or key > after)]
         position = {child: i for i, child in enumerate(wanted)}
@@ -153,8 +152,8 @@ async def walk_repositories(driver: StorageDriver, markers: tuple[str, ...], aft
                 start = position[child]
                 size = LIST_BATCH if limit is None else max(1, min(LIST_BATCH, limit - len(out)))
                 batch = [c for c in wanted[start:start + size] if c not in listed]
-                for c, below in zip(batch, await asyncio.gather(*(list_or_empty(driver, c) for c in batch))):
-                    listed[c] = below
+                for c, below in (await driver.list_many(batch)).items():
+                    listed[c] = below or []
             return listed[child]
 
         for key, is_tree, child in items:

@@ -9,7 +9,7 @@ objects below them, as prefixes are in S3.
 What a driver offers, and nothing else is used above it:
 
 * read: `get_content` (a small object), `reader` (ranged, streamed), `stat`, `list` (the direct
-  children of a prefix);
+  children of a prefix), `list_many` (several prefixes at once);
 * write: `put_content` (atomic replace, or create-if-absent), `create` (a new private object,
   streamed, published under its final name by `commit`), `append` (continue an object from its
   size: an upload), `move`, `delete` (an object or a whole prefix), `touch` (mark an object as
@@ -189,6 +189,17 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def list(self, path: str) -> list[str]:
         """Full paths of the direct children (objects and prefixes) of a prefix, in no order."""
+
+    async def list_many(self, paths: Sequence[str]) -> dict[str, list[str] | None]:
+        """`list` of each prefix (None for one that is not there), for walks of thousands of
+        directories: a driver may answer them in one call (the filesystem, in one thread
+        hop instead of one per directory). Any error but not-found propagates."""
+        async def one(path: str) -> list[str] | None:
+            try:
+                return await self.list(path)
+            except PathNotFound:
+                return None
+        return dict(zip(paths, await asyncio.gather(*(one(p) for p in paths))))
 
     # -- writing ------------------------------------------------------------------------------
 

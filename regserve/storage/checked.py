@@ -66,6 +66,10 @@ class CheckedDriver(StorageDriver):
         with self._t("list"):
             return await self.inner.list(check_path(path))
 
+    async def list_many(self, paths: Sequence[str]) -> dict[str, list[str] | None]:
+        with self._t("list_many"):
+            return await self.inner.list_many([check_path(p) for p in paths])
+
     async def put_content(self, path: str, data: bytes, durable: bool = True, exclusive: bool = False) -> None:
         with self._t("put_content"):
             await self.inner.put_content(check_path(path), data, durable, exclusive)

@@ -38,6 +38,7 @@ PRIVATE = ".regserve"      # under the root: the driver's own (no content name s
 REPLACE_ATTEMPTS = 8       # a rename whose new parent a concurrent delete keeps removing
 # Temporaries of earlier regserve versions sat beside content as "<name>.tmp-<uuid hex>"; those
 # of fixed content names (never a repository or tag name) are removed by purge_temporaries.
+LIST_PER_HOP = 32         # directories one thread lists in a walk (list_many)
 LEGACY_TEMP = re.compile(r"(?:data|link|startedat|\d+)\.tmp-[0-9a-f]{32}")
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 WRITEBACK_STEP = 8 << 20  # start writeback of this much at a time: large I/O, little dirty memory
@@ -451,6 +452,24 @@ class FilesystemDriver(StorageDriver):
 
     async def list(self, path: str) -> list[str]:
         return await self._run(self._list_sync, path)
+
+    async def list_many(self, paths: Sequence[str]) -> dict[str, list[str] | None]:
+        # Some directories per thread hop: warm, the hop is what a listing costs; cold, the disk
+        # reads several at once faster. A walk of 10,000 repositories, cold/warm: one directory
+        # a hop 1.8-2.3/1.2 s; 16 a hop 0.9-1.1/0.5-0.6; 32 1.0-1.1/0.3-0.4; 128 1.7/0.25.
+        paths = list(paths)
+        batches = await asyncio.gather(*(self._run(self._list_many_sync, paths[i:i + LIST_PER_HOP])
+                                         for i in range(0, len(paths), LIST_PER_HOP)))
+        return {path: children for batch in batches for path, children in batch.items()}
+
+    def _list_many_sync(self, paths: list[str]) -> dict[str, list[str] | None]:
+        out: dict[str, list[str] | None] = {}
+        for path in paths:
+            try:
+                out[path] = self._list_sync(path)
+            except PathNotFound:
+                out[path] = None
+        return out
 
     def _list_sync(self, path: str) -> list[str]:
         try:
