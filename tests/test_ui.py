@@ -185,6 +185,9 @@ async def test_the_manifest_page_shows_layers_config_and_referrers_by_purpose(cl
     assert set(groups) == {"Signatures", "SBOMs"}
     assert [li.attrs["data-referrer"] for li in groups["Signatures"].find_all("li")] == [shelf["sig"]]
     assert [li.attrs["data-referrer"] for li in groups["SBOMs"].find_all("li")] == [shelf["sbom"]]
+    assert doc.find("h1").text.startswith("team/app:v1 ")
+    doc, _ = await page(client, f"/ui/repo/team/app/-/manifest/{app['digest']}?tag=v2")  # no such tag here
+    assert doc.find("h1").text.startswith("team/app sha256:")
     raw = json.loads(doc.by_id("raw").find("code").text)
     assert raw["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
 

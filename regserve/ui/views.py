@@ -38,6 +38,7 @@ from ..errors import (
     Unsupported,
 )
 from ..reference import TAG_RE, Digest, check_name, parse_digest
+from ..registry import Repository
 from ..registry.inventory import IMAGE_CONFIGS, Inventory, RepositoryOverview, Summary, log_failure
 from ..registry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 
@@ -267,9 +268,19 @@ async def manifest(request: web.Request, viewer: Viewer) -> web.Response:
         raw = json.dumps(json.loads(payload), indent=2)
     except ValueError:
         raw = payload.decode(errors="replace")
+    tag = request.query.get("tag")  # the tag it was reached by, named only while it points here
+    if tag is not None and not (TAG_RE.fullmatch(tag) and await _points_to(repo, tag, d)):
+        tag = None
     return render(request, "manifest.html", viewer=viewer, title=f"{name}@{d}", name=name, summary=summary,
                   children=children, referrers=dict(sorted(groups.items())), raw=raw, host=pull_host(request),
-                  size=_image_size(inventory, summary, children), tag=request.query.get("tag"))
+                  size=_image_size(inventory, summary, children), tag=tag)
+
+
+async def _points_to(repo: Repository, tag: str, d: Digest) -> bool:
+    try:
+        return await repo.tags.resolve(tag) == d
+    except ManifestUnknown:
+        return False
 
 
 @page
