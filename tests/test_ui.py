@@ -365,6 +365,17 @@ async def test_the_first_look_lists_a_page_before_every_name_is_walked(client):
     assert list(rows(doc, "data_repository")) == [f"r/{i:02d}" for i in range(50, 60)]
 
 
+async def test_a_damaged_manifest_is_shown_as_such(app_factory, aiohttp_client, data_dir, caplog):
+    client = await aiohttp_client(app_factory())
+    img = await push_image(client, "team/app", "v1", [b"layer"])
+    hexd = img["digest"].split(":")[1]
+    (data_dir / f"docker/registry/v2/blobs/sha256/{hexd[:2]}/{hexd}/data").write_bytes(b"{not json")
+    client = await aiohttp_client(app_factory())  # nothing cached
+    doc, _ = await page(client, "/ui/repo/team/app")
+    assert rows(doc, "data_tag")["v1"].find(class_="type").text == "unreadable manifest (see the registry's log)"
+    assert f"manifest {img['digest']} is stored but cannot be read" in caplog.text
+
+
 async def test_a_storage_error_is_a_page_that_says_nothing_of_the_storage(aiohttp_client, data_dir, caplog):
     driver = FaultyDriver(FilesystemDriver(str(data_dir)))
     client = await aiohttp_client(make_app(make_config(data_dir), Registry(driver)))

@@ -206,6 +206,7 @@ class Inventory:
             m = parse_manifest(payload, None, d)
             doc = json.loads(payload)
         except (ManifestInvalid, ValueError):
+            log.error("manifest %s is stored but cannot be read as one", d)
             return Summary(d, "unknown", len(payload), blobs={d: len(payload)}, damaged=True, config_read=True)
         config = m.blobs[0] if m.blobs and not m.manifests and "config" in doc else None
         children = tuple(Child(c.digest, c.media_type, c.size, platform_of(entry.get("platform")))

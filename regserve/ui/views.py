@@ -156,6 +156,8 @@ def pull_host(request: web.Request) -> str:
 
 def label(summary: Summary) -> str:
     """What a manifest is: an artifact's type, else the kind of image or index."""
+    if summary.damaged:
+        return "unreadable manifest (see the registry's log)"
     if summary.artifact_type and summary.artifact_type not in IMAGE_CONFIGS:
         return summary.artifact_type
     return KINDS.get(summary.media_type, summary.media_type)
