@@ -36,7 +36,7 @@ from ..errors import BlobUnknown, DamagedContent, ManifestUnknown, NameUnknown, 
 from ..reference import Digest, parse_digest
 from ..storage import PathNotFound, StorageDriver
 from . import paths
-from .registry import Registry, delete_if_there, list_or_empty
+from .registry import Registry, delete_if_there, digests_under, list_or_empty
 
 TEMPORARY_AGE = 3600.0  # the driver's temporaries untouched this long are debris
 DEFAULT_GRACE = 3600.0  # what was written or referenced this recently is never swept
@@ -72,18 +72,6 @@ def _size(n: int) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return f"{n} B"
-
-
-async def _digests_under(driver: Any, base: str) -> list[Digest]:
-    """`<base>/<alg>/<hex>` entries (revision links, layer links)."""
-    out = []
-    for alg_dir in sorted(await list_or_empty(driver, base)):
-        for entry in sorted(await list_or_empty(driver, alg_dir)):
-            try:
-                out.append(parse_digest(f"{alg_dir.rsplit('/', 1)[1]}:{entry.rsplit('/', 1)[1]}"))
-            except RegistryError:
-                continue  # not a digest's directory: not ours to judge
-    return out
 
 
 def _references(d: Digest, payload: bytes) -> tuple[list[Digest], list[Digest], Digest | None]:
@@ -259,7 +247,7 @@ async def _mark(registry: Registry, report: Report, delete_untagged: bool,
     names = await registry.all_repositories()
     for count, name in enumerate(names, 1):
         repo = registry.repository(name)
-        revisions = await _digests_under(registry.driver, paths.revisions(name))
+        revisions = await digests_under(registry.driver, paths.revisions(name))
         for d in revisions:
             if d in references:
                 continue
@@ -306,7 +294,7 @@ async def _links_to(digests: set[Digest], registry: Registry) -> dict[Digest, li
     """The repositories linking each of `digests`."""
     out: dict[Digest, list[str]] = {}
     for name in await registry.all_repositories():
-        for d in await _digests_under(registry.driver, paths.layers(name)):
+        for d in await digests_under(registry.driver, paths.layers(name)):
             if d in digests:
                 out.setdefault(d, []).append(name)
     return out

@@ -24,7 +24,7 @@ from ..storage import PathNotFound
 from . import paths
 from .blobs import LRU
 from .manifests import INDEX_TYPES, Descriptor, parse_manifest
-from .registry import Registry, list_or_empty, walk_repositories
+from .registry import Registry, digests_under, walk_repositories
 
 log = logging.getLogger("regserve.inventory")
 T = TypeVar("T")
@@ -264,15 +264,14 @@ class Inventory:
     # -- repositories --------------------------------------------------------------------------
 
     async def revisions(self, name: str) -> list[Digest]:
-        out = []
-        for alg_dir in await list_or_empty(self.driver, paths.revisions(name)):
-            algorithm = alg_dir.rsplit("/", 1)[1]
-            for entry in await list_or_empty(self.driver, alg_dir):
-                try:
-                    out.append(parse_digest(f"{algorithm}:{entry.rsplit('/', 1)[1]}"))
-                except RegistryError:
-                    continue  # not a digest's directory: not a revision
-        return out
+        return await digests_under(self.driver, paths.revisions(name))
+
+    async def kept_blobs(self, revisions: list[Digest]) -> dict[Digest, int]:
+        """Every blob these manifests keep (themselves, configs, layers), each once."""
+        blobs: dict[Digest, int] = {}
+        for s in (await self.summaries(revisions, with_config=False)).values():
+            blobs.update(s.blobs)
+        return blobs
 
     async def tags(self, name: str, tags: list[str]) -> list[TagInfo]:
         """What each of these tags points to, with its manifest's summary."""
@@ -297,10 +296,7 @@ class Inventory:
         if tags is None:
             tags = await self.registry.repository(name).tags.all()
         revisions = await self.revisions(name)
-        found = await self.summaries(revisions, with_config=False)
-        blobs: dict[Digest, int] = {}
-        for s in found.values():
-            blobs.update(s.blobs)
+        blobs = await self.kept_blobs(revisions)
         return RepositoryOverview(name, tags, revisions, await self._last_push(name, revisions), blobs)
 
     async def _last_push(self, name: str, revisions: list[Digest]) -> float | None:
@@ -351,11 +347,7 @@ class Inventory:
         per_repo: dict[str, dict[Digest, int]] = {}
 
         async def count(name: str) -> None:
-            found = await self.summaries(await self.revisions(name), with_config=False)
-            blobs: dict[Digest, int] = {}
-            for s in found.values():
-                blobs.update(s.blobs)
-            per_repo[name] = blobs
+            per_repo[name] = await self.kept_blobs(await self.revisions(name))
         await _bounded(self._names[1], count, 8)
         holders: Counter = Counter(d for blobs in per_repo.values() for d in blobs)
         self._usage = Usage(started, per_repo, holders)

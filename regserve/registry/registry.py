@@ -9,8 +9,8 @@ import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import AsyncIterator
 
-from ..errors import ReadOnly, Unsupported
-from ..reference import COMPONENT, check_name
+from ..errors import ReadOnly, RegistryError, Unsupported
+from ..reference import COMPONENT, Digest, check_name, parse_digest
 from ..storage import AlreadyExists, Busy, PathNotFound, StorageDriver
 from . import paths
 from .blobs import BlobStore, RepositoryBlobs
@@ -178,6 +178,18 @@ async def list_or_empty(driver: StorageDriver, path: str) -> list[str]:
         return await driver.list(path)
     except PathNotFound:
         return []
+
+
+async def digests_under(driver: StorageDriver, base: str) -> list[Digest]:
+    """`<base>/<alg>/<hex>` entries (revision links, layer links), in order."""
+    out = []
+    for alg_dir in sorted(await list_or_empty(driver, base)):
+        for entry in sorted(await list_or_empty(driver, alg_dir)):
+            try:
+                out.append(parse_digest(f"{alg_dir.rsplit('/', 1)[1]}:{entry.rsplit('/', 1)[1]}"))
+            except RegistryError:
+                continue  # not a digest's directory: not ours to judge
+    return out
 
 
 async def delete_if_there(driver: StorageDriver, path: str) -> None:

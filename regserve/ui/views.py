@@ -139,6 +139,11 @@ def visible_repository(request: web.Request, viewer: Viewer) -> str:
     return name
 
 
+def paged(items: list[T], number: int, per_page: int) -> tuple[list[T], int]:
+    """Page `number` (from 1) of `items`, and how many pages there are."""
+    return items[(number - 1) * per_page:number * per_page], max(1, math.ceil(len(items) / per_page))
+
+
 def page_number(request: web.Request) -> int:
     try:
         return max(1, int(request.query.get("page", "1")))
@@ -195,10 +200,9 @@ async def repositories(request: web.Request, viewer: Viewer) -> web.Response:
     if query or (not complete and len(names) < wanted):  # a search, or a page the policy left short
         listed, complete = await inventory.names(), True
         names = [n for n in listed if viewer.may(n, "pull") and query in n]
-    shown = names[(number - 1) * REPOSITORIES_PER_PAGE:number * REPOSITORIES_PER_PAGE]
+    shown, pages = paged(names, number, REPOSITORIES_PER_PAGE)
     found = await within_budget({n: _overview_or_none(inventory, n) for n in shown})
     rows = [(n, found.get(n)) for n in shown if n not in found or found[n] is not None]  # not: deleted
-    pages = max(1, math.ceil(len(names) / REPOSITORIES_PER_PAGE))
     if not complete:  # how many there are is not known yet: a next page if the walk went past this one
         pages = number + 1 if len(listed) > number * REPOSITORIES_PER_PAGE else number
     return render(request, "repositories.html", viewer=viewer, title="Repositories", query=query,
@@ -239,12 +243,13 @@ async def repository(request: web.Request, viewer: Viewer) -> web.Response:
     query = request.query.get("q", "").strip()
     tags = [t for t in all_tags if query in t]
     number = page_number(request)
-    infos = await inventory.tags(name, tags[(number - 1) * TAGS_PER_PAGE:number * TAGS_PER_PAGE])
+    shown, pages = paged(tags, number, TAGS_PER_PAGE)
+    infos = await inventory.tags(name, shown)
     children = await inventory.summaries([c.digest for i in infos if i.summary for c in i.summary.children])
     usage = inventory.last_usage  # counted for the storage page: a count costs a walk of everything
     return render(request, "repository.html", viewer=viewer, title=name, name=name, overview=overview,
                   tag_count=len(all_tags), tags=infos, children=children, query=query, page=number,
-                  total=len(tags), pages=max(1, math.ceil(len(tags) / TAGS_PER_PAGE)), host=pull_host(request),
+                  total=len(tags), pages=pages, host=pull_host(request),
                   shared=usage.shared(name) if usage else None,
                   may_delete=viewer.may(name, "delete") and registry.delete_enabled and not registry.readonly,
                   deleted=request.query.get("deleted"), image_size=functools.partial(_image_size, inventory))
@@ -331,11 +336,10 @@ async def storage(request: web.Request, viewer: Viewer) -> web.Response:
                       headers={"Refresh": "2"})
     names = sorted((n for n in usage.repositories if viewer.may(n, "pull")), key=lambda n: (-usage.sizes[n], n))
     number = page_number(request)
-    rows = [(n, usage.sizes[n], usage.shared(n))
-            for n in names[(number - 1) * REPOSITORIES_PER_PAGE:number * REPOSITORIES_PER_PAGE]]
-    return render(request, "storage.html", viewer=viewer, title="Storage used", usage=usage, rows=rows,
-                  total=usage.total(names), age=inventory.clock() - usage.taken_at, count=len(names),
-                  page=number, pages=max(1, math.ceil(len(names) / REPOSITORIES_PER_PAGE)))
+    shown, pages = paged(names, number, REPOSITORIES_PER_PAGE)
+    return render(request, "storage.html", viewer=viewer, title="Storage used", usage=usage,
+                  rows=[(n, usage.sizes[n], usage.shared(n)) for n in shown], total=usage.total(names),
+                  age=inventory.clock() - usage.taken_at, count=len(names), page=number, pages=pages)
 
 
 @page
