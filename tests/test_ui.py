@@ -527,6 +527,18 @@ async def test_a_tag_is_deleted_after_confirmation_by_whoever_may_delete(guarded
     assert "Tag “v1” was deleted." in doc.text and not rows(doc, "data_tag")
 
 
+async def test_two_deletions_of_one_tag_racing_delete_it_once(guarded):
+    """Both confirmations were open; both are posted at once: one deletes, the other finds no tag."""
+    headers = {**basic("alice", "a"), "Origin": f"http://{guarded.host}:{guarded.port}"}
+
+    async def post() -> int:
+        r = await guarded.post("/ui/repo/team-a/app/-/tag/v1/delete", headers=headers, allow_redirects=False)
+        return r.status
+    assert sorted(await asyncio.gather(post(), post())) == [303, 404]  # the tag's owner decides, once
+    assert (await guarded.get("/v2/team-a/app/manifests/v1", headers=basic("alice", "a"))).status == 404
+    assert (await guarded.get("/v2/team-a/app/tags/list", headers=basic("alice", "a"))).status == 200
+
+
 @pytest.mark.parametrize("setting", [{"REGISTRY_STORAGE_DELETE_ENABLED": "false"},
                                      {"REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED": "true"}])
 async def test_no_delete_where_the_registry_allows_none(app_factory, aiohttp_client, setting):
