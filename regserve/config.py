@@ -72,7 +72,9 @@ SCHEMA: dict[str, Any] = {
     "health": {"storagedriver": {"enabled": _B, "interval": _D, "threshold": _I},
                "file": _L, "http": _L, "tcp": _L},
     "notifications": {"events": {"includereferences": _B}, "endpoints": _L},
-    "redis": _M, "proxy": _M, "validation": _M,
+    "redis": _M, "validation": _M,
+    # passwordfile: regserve's own (the password out of the config file)
+    "proxy": {"remoteurl": _S, "username": _S, "password": _S, "passwordfile": _S, "ttl": _D, "exec": _M},
     "compatibility": _M, "catalog": {"maxentries": _I},
     # regserve's own: the web UI
     "ui": {"enabled": _B, "path": _S},
@@ -96,6 +98,7 @@ IMPLEMENTED = {
     "auth.token.service", "auth.token.issuer", "auth.token.rootcertbundle", "auth.token.jwks",
     "auth.token.signingalgorithms", "auth.tokenserver", "auth.accesscontrol", "http.tls.certificate",
     "http.tls.key", "http.tls.clientcas", "http.tls.clientauth", "http.tls.minimumtls",
+    "proxy.remoteurl", "proxy.username", "proxy.password", "proxy.passwordfile",
 }
 
 # http.tls values (distribution's names) and what Python's ssl makes of them.
@@ -264,6 +267,9 @@ class Config:
     catalog_max_entries: int = 1000
     ui_enabled: bool = True                 # ui.enabled: the web UI
     ui_path: str = "/ui"                    # ui.path: where it is served (below http.prefix)
+    proxy_url: str | None = None            # proxy.remoteurl: a pull-through cache of this registry
+    proxy_username: str | None = None
+    proxy_password: str | None = None
     notifications: list[Any] = field(default_factory=list)   # notifications.Endpoint
     notify_references: bool = False
     auth_mode: str = "none"                 # none, htpasswd, token
@@ -407,6 +413,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     c.ui_path = "/" + (_get(doc, "ui.path", "/ui") or "").strip("/")
     if c.ui_path == "/" or c.ui_path == "/v2" or c.ui_path.startswith("/v2/"):
         raise ConfigError("ui.path: a path of its own, such as /ui (not / nor below /v2)")
+    _load_proxy(c, doc)
     from .notifications import endpoints  # it reads durations with ours
     c.notifications, c.notify_references = endpoints(doc.get("notifications"))
     _load_auth(c, doc)
@@ -414,6 +421,26 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     c.ignored = sorted(k for k in seen if k and not any(
         k == i or k.startswith(i + ".") for i in IMPLEMENTED) and _get(doc, k) is not None)
     return c
+
+
+def _load_proxy(c: Config, doc: dict[str, Any]) -> None:
+    url = _get(doc, "proxy.remoteurl")
+    if not url:
+        return
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+        raise ConfigError("proxy.remoteurl: an http:// or https:// URL")
+    c.proxy_url = url.rstrip("/")
+    c.proxy_username = _get(doc, "proxy.username") or None
+    c.proxy_password = _get(doc, "proxy.password")
+    password_file = _get(doc, "proxy.passwordfile")
+    if password_file:
+        if c.proxy_password:
+            raise ConfigError("proxy: password or passwordfile, not both")
+        try:
+            with open(password_file) as f:
+                c.proxy_password = f.read().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"proxy.passwordfile: cannot read it ({e.strerror})") from None
 
 
 def _load_auth(c: Config, doc: dict[str, Any]) -> None:

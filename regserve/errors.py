@@ -123,5 +123,11 @@ class Denied(RegistryError):
     code, message = "DENIED", "requested access to the resource is denied"
 
 
+class UpstreamFailed(RegistryError):
+    """A pull-through cache's upstream could not be reached, or failed, and nothing cached can
+    answer instead (502)."""
+    code, message = "UNKNOWN", "the upstream registry could not be reached"
+
+
 class TooManyRequests(RegistryError):
     code, message = "TOOMANYREQUESTS", "too many requests"

@@ -38,6 +38,9 @@ class _Metrics:
         self.gc_blobs = Counter("regserve_gc_blobs_deleted", "Blobs garbage collection deleted")
         self.gc_manifests = Counter("regserve_gc_manifests_deleted", "Manifests garbage collection deleted")
         self.gc_bytes = Counter("regserve_gc_bytes_freed", "Bytes of blobs garbage collection deleted")
+        self.proxy = Counter("regserve_proxy_requests", "Pull-through cache lookups, by what was "
+                             "looked up and whether it was here", ["kind", "result"])
+        self.upstream = Counter("regserve_proxy_upstream_bytes", "Bytes a pull-through cache fetched from its upstream")
         self.events = Counter("regserve_notifications", "Notification events", ["endpoint", "result"])
         self.events_pending = Gauge("regserve_notifications_pending", "Events waiting to be sent",
                                     ["endpoint"], multiprocess_mode="livesum")
@@ -135,3 +138,13 @@ def event(endpoint: str, result: str) -> None:
 def events_pending(endpoint: str, delta: int) -> None:
     if ENABLED:
         _m.events_pending.labels(endpoint).inc(delta)
+
+
+def proxied(kind: str, result: str) -> None:
+    if ENABLED:
+        _m.proxy.labels(kind, result).inc()
+
+
+def upstream_bytes(nbytes: int) -> None:
+    if ENABLED and nbytes:
+        _m.upstream.inc(nbytes)

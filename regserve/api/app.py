@@ -10,11 +10,13 @@ from aiohttp import web
 from .. import notifications, ui
 from ..config import Config
 from ..logs import request_id_header, request_id_middleware
+from ..proxy.cache import PullThrough
+from ..proxy.upstream import Upstream
 from ..registry import Registry
 from ..storage import StorageDriver, create_driver
 from ..storage.checked import CheckedDriver
 from . import auth, base, blobs, catalog, manifests, referrers, tags, token, uploads
-from .common import API_VERSION, CONFIG_KEY, REGISTRY_KEY
+from .common import API_VERSION, CONFIG_KEY, PROXY_KEY, REGISTRY_KEY
 from .errors import error_middleware
 from .events import NOTIFIER_KEY
 
@@ -36,7 +38,8 @@ def runner_options(config: Config) -> dict[str, Any]:
 
 def make_registry(config: Config, driver: StorageDriver | None = None) -> Registry:
     driver = CheckedDriver(driver or create_driver(config.storage_driver, config.storage_params))
-    return Registry(driver, delete_enabled=config.delete_enabled, readonly=config.readonly)
+    return Registry(driver, delete_enabled=config.delete_enabled, readonly=config.readonly,
+                    proxied=config.proxy_url is not None)
 
 
 def make_app(config: Config, registry: Registry | None = None,
@@ -51,6 +54,13 @@ def make_app(config: Config, registry: Registry | None = None,
         token.setup_routes(app)
     app[CONFIG_KEY] = config
     app[REGISTRY_KEY] = registry or make_registry(config)
+    if config.proxy_url:
+        pull_through = app[PROXY_KEY] = PullThrough(
+            app[REGISTRY_KEY], Upstream(config.proxy_url, config.proxy_username, config.proxy_password))
+
+        async def close_proxy(app: web.Application) -> None:
+            await pull_through.close()
+        app.on_cleanup.append(close_proxy)
     if config.notifications:
         notifier = app[NOTIFIER_KEY] = notifications.Notifier(config.notifications, config.notify_references,
                                                               config.addr)

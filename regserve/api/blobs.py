@@ -10,11 +10,12 @@ from aiohttp import web
 
 from .. import metrics
 from ..errors import BlobUnknown, RangeNotSatisfiable
+from ..proxy.cache import FetchFailed, Growing, PullThrough
 from ..reference import Digest, UnknownAlgorithm, parse_digest
 from ..storage import PathNotFound
 from . import events
 from .auth import requires
-from .common import CONFIG_KEY, registry, repository
+from .common import CONFIG_KEY, PROXY_KEY, registry, repository
 from .sendfile import hang_up, send_file
 
 _RANGE_RE = re.compile(r"bytes=(\d{0,30})-(\d{0,30})")  # longer numbers: malformed, so ignored
@@ -55,11 +56,20 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
 async def get_blob(request: web.Request) -> web.StreamResponse:
     repo = repository(request)
     d = blob_digest(request)
-    info = await repo.blobs.stat(d)
+    proxy = request.app.get(PROXY_KEY)
     etag = f'"{d}"'
     headers = {"Docker-Content-Digest": str(d), "ETag": etag, "Accept-Ranges": "bytes",
                "Content-Type": "application/octet-stream",
                "Cache-Control": "max-age=31536000"}
+    if proxy is None:
+        info = await repo.blobs.stat(d)
+    else:
+        found = await proxy.blob(repo, d, head=request.method == "HEAD")
+        if isinstance(found, int):  # a HEAD the upstream answered: nothing is fetched for it
+            return web.Response(status=200, headers={**headers, "Content-Length": str(found)})
+        if isinstance(found, Growing):
+            return await _send_growing(request, proxy, found, headers)
+        info = found
     if etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     config = request.app[CONFIG_KEY]
@@ -70,18 +80,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         if url is not None:
             events.emit(request, "pull", events.blob(request, repo.name, d, info.size))
             return web.Response(status=307, headers={"Location": url, "Docker-Content-Digest": str(d)})
-    start, end, status = 0, info.size - 1, 200
-    range_header = request.headers.get("Range")
-    if range_header and request.headers.get("If-Range", etag) == etag:
-        try:
-            chosen = _byte_range(range_header, info.size)
-        except ValueError:
-            raise RangeNotSatisfiable({"range": range_header, "size": info.size},
-                                      headers={"Content-Range": f"bytes */{info.size}"}) from None
-        if chosen is not None:
-            start, end = chosen
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{end}/{info.size}"
+    start, end, status = _requested(request, info.size, headers)
     response = web.StreamResponse(status=status, headers=headers)
     if request.method != "HEAD":
         events.emit(request, "pull", events.blob(request, repo.name, d, info.size))
@@ -96,6 +95,46 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     except (FileNotFoundError, PathNotFound):  # gone since stat: nothing was sent yet
         store.forget(d)
         raise BlobUnknown({"digest": str(d)}) from None
+
+
+def _requested(request: web.Request, size: int, headers: dict[str, str]) -> tuple[int, int, int]:
+    """(start, end inclusive, status) of what a GET asks for: its Range, if any and if its
+    If-Range still holds; Content-Range is added to `headers` for a partial answer."""
+    range_header = request.headers.get("Range")
+    if range_header and request.headers.get("If-Range", headers["ETag"]) == headers["ETag"]:
+        try:
+            chosen = _byte_range(range_header, size)
+        except ValueError:
+            raise RangeNotSatisfiable({"range": range_header, "size": size},
+                                      headers={"Content-Range": f"bytes */{size}"}) from None
+        if chosen is not None:
+            headers["Content-Range"] = f"bytes {chosen[0]}-{chosen[1]}/{size}"
+            return chosen[0], chosen[1], 206
+    return 0, size - 1, 200
+
+
+async def _send_growing(request: web.Request, proxy: PullThrough, blob: Growing,
+                        headers: dict[str, str]) -> web.StreamResponse:
+    """A blob a pull-through cache is fetching: its bytes as they land (Range included). If the
+    fetch fails, a download already under way is cut short of its length."""
+    start, end, status = _requested(request, blob.size, headers)
+    count = end - start + 1 if blob.size else 0
+    name = request.match_info["name"]
+    if request.method != "HEAD":
+        events.emit(request, "pull", events.blob(request, name, blob.digest, blob.size))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in proxy.reader(blob, start, count):
+                yield chunk
+        except FetchFailed as e:
+            raise ConnectionAbortedError(str(e)) from None  # mid-body: the connection is dropped
+
+    try:
+        return await _stream(request, web.StreamResponse(status=status, headers=headers), chunks(),
+                             count, request.app[CONFIG_KEY].write_timeout)
+    except ConnectionAbortedError:  # before anything was sent
+        raise BlobUnknown({"digest": str(blob.digest)}) from None
 
 
 async def _stream(request: web.Request, response: web.StreamResponse, chunks: AsyncIterator[bytes],

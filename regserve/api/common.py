@@ -20,6 +20,7 @@ from ..registry.uploads import ChunkRange
 REGISTRY_KEY = web.AppKey("registry", Registry)
 BODY_KEY = web.RequestKey("body", object)  # the RequestBody being read, for the watchdog
 CONFIG_KEY = web.AppKey("config", Config)
+PROXY_KEY = web.AppKey("proxy", object)  # proxy.cache.PullThrough, in a pull-through cache
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 # Offsets of 19 digits and fewer (a signed 64-bit number, as distribution parses them)
 _CONTENT_RANGE_RE = re.compile(r"(?:bytes[= ])?(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?")

@@ -27,6 +27,7 @@ from ..errors import (
     RegistryError,
     Unauthorized,
     UploadRangeInvalid,
+    UpstreamFailed,
 )
 from ..reference import check_name
 from ..storage import CommitMismatch
@@ -44,7 +45,7 @@ STATUS = {
 # Registry errors whose status is not their code's usual one.
 SPECIAL_STATUS: dict[type, int] = {UploadRangeInvalid: 416, RangeNotSatisfiable: 416, ManifestTooBig: 413,
                                    ReadOnly: 405, PaginationInvalid: 400, MalformedRequest: 400,
-                                   NoSuchEndpoint: 404}
+                                   NoSuchEndpoint: 404, UpstreamFailed: 502}
 # A path of the API's shape, `/v2/<name>/<resource>/...`, whose name the router could not take.
 _API_PATH = re.compile(r"/v2/(?P<name>.+)/(?:blobs|manifests|tags|referrers)(?:/.*)?", re.DOTALL)
 

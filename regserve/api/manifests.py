@@ -9,14 +9,18 @@ from ..reference import is_digest, parse_digest
 from ..registry.manifests import MAX_MANIFEST_BYTES
 from . import events
 from .auth import requires
-from .common import registry, repository, url_for
+from .common import PROXY_KEY, registry, repository, url_for
 
 
 @requires("pull")
 async def get_manifest(request: web.Request) -> web.Response:
     repo = repository(request)
     reference = request.match_info["reference"]
-    d, payload, media_type = await repo.manifests.get(reference)
+    proxy = request.app.get(PROXY_KEY)
+    if proxy is not None:
+        d, payload, media_type = await proxy.manifest(repo, reference)
+    else:
+        d, payload, media_type = await repo.manifests.get(reference)
     etag = f'"{d}"'
     headers = {"Docker-Content-Digest": str(d), "ETag": etag, "Content-Type": media_type}
     if etag in request.headers.get("If-None-Match", ""):

@@ -294,6 +294,18 @@ class Manifests:
         self.cache.put(m.digest, payload, m.media_type)
         return m
 
+    async def keep(self, payload: bytes, content_type: str | None, d: Digest, tag: str | None) -> Manifest:
+        """Store a manifest a pull-through cache fetched (its digest verified by the caller),
+        and tag it: without the check that what it references is here, which comes when pulled."""
+        m = parse_manifest(payload, content_type, d)
+        async with self.store.referencing(), self._owned():
+            await self.store.put_small(m.digest, payload)
+            await self._link(m)
+            if tag is not None:
+                await self.tags.tag(tag, m.digest)
+        self.cache.put(m.digest, payload, m.media_type)
+        return m
+
     @asynccontextmanager
     async def _owned(self) -> AsyncIterator[None]:
         """Own this repository's manifests and tags: a PUT, a DELETE by digest (which untags

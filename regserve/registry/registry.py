@@ -36,10 +36,11 @@ class Repository:
 
 class Registry:
     def __init__(self, driver: StorageDriver, *, delete_enabled: bool = False,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, proxied: bool = False) -> None:
         self.driver = driver
         self.delete_enabled = delete_enabled
         self.readonly = readonly
+        self.proxied = proxied  # a pull-through cache: its content is the upstream's
         self.blob_store = BlobStore(driver)
         self.manifest_cache = ManifestCache()
 
@@ -49,6 +50,8 @@ class Registry:
     def check_writable(self) -> None:
         if self.readonly:
             raise ReadOnly()
+        if self.proxied:
+            raise Unsupported(None, "the registry is a pull-through cache: push to its upstream")
 
     def check_deletable(self) -> None:
         self.check_writable()

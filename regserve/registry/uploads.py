@@ -39,7 +39,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
 from .. import hashstate
 from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, UploadRangeInvalid
 from ..reference import Digest
-from ..storage import Busy, FileWriter, PathNotFound, StorageDriver
+from ..storage import AlreadyExists, Busy, FileWriter, PathNotFound, StorageDriver
 from ..uncancellable import to_the_end
 from . import paths
 from .blobs import BlobInfo, BlobStore, RepositoryBlobs
@@ -401,6 +401,18 @@ class UploadSession:
             except Busy:
                 raise BlobUploadInvalid({"upload": self.id}, "another request is writing to this upload") from None
             yield
+
+    async def add_object(self, name: str) -> str:
+        """An empty object `name` in the session's directory, created by an owner (so never
+        after the session ended), unless it is there; its path. For a pull-through cache's
+        fetch, whose downloader owns it (`driver.lock`)."""
+        path = f"{paths.upload_dir(self.name, self.id)}/{name}"
+        async with self._owned():
+            try:
+                await self.driver.put_content(path, b"", exclusive=True)
+            except AlreadyExists:
+                pass
+        return path
 
     async def _open(self) -> FileWriter:
         """The session's data, for its owner to append to."""
