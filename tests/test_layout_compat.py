@@ -97,7 +97,8 @@ class Distribution:
     """The real CNCF distribution on a data directory (or the `storage` YAML given, indented two
     spaces under `storage:`), stopped by its PID."""
 
-    def __init__(self, data: Path | None, tmp: Path, storage: str | None = None) -> None:
+    def __init__(self, data: Path | None, tmp: Path, storage: str | None = None, extra: str = "",
+                 ready: tuple[int, ...] = (200,)) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = tmp / f"distribution-{self.port}.yml"
@@ -107,7 +108,7 @@ log: {{level: error, accesslog: {{disabled: true}}}}
 storage:
 {storage}  delete: {{enabled: true}}
 http: {{addr: 127.0.0.1:{self.port}, secret: test-secret}}
-""")
+{extra}""")
         env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}  # its Go S3 client panics on it
         log_path = tmp / f"distribution-{self.port}.log"
         self.log = open(log_path, "wb")
@@ -116,7 +117,7 @@ http: {{addr: 127.0.0.1:{self.port}, secret: test-secret}}
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
-                if http("GET", self.url + "/v2/")[0] == 200:
+                if http("GET", self.url + "/v2/")[0] in ready:
                     return
             except OSError:
                 time.sleep(0.05)

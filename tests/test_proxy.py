@@ -5,28 +5,39 @@ upstream, which can also cut a download midway."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from .conftest import digest_of, http, image_manifest
+from .authutil import TokenMaker, htpasswd_file, write_pem
+from .conftest import ROOT, digest_of, http, image_manifest, require_tool
+from .test_layout_compat import Distribution
 
 CONFIG = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
 
 
 def push_blob(url: str, name: str, data: bytes, headers: dict[str, str] | None = None) -> str:
     d = digest_of(data)
-    status, _, body = http("POST", f"{url}/v2/{name}/blobs/uploads/?digest={d}", data,
+    status, h, body = http("POST", f"{url}/v2/{name}/blobs/uploads/?digest={d}", data,
                            {"Content-Type": "application/octet-stream", **(headers or {})})
+    if status == 202:  # distribution 2.8.2 opens a session instead: the bytes go with the PUT
+        location = urllib.parse.urljoin(url, h["Location"])
+        status, _, body = http("PUT", f"{location}{'&' if '?' in location else '?'}digest={d}", data,
+                               {"Content-Type": "application/octet-stream", **(headers or {})})
     assert status == 201, body
     return d
 
@@ -54,6 +65,7 @@ class Relay:
         self.cut_path: str | None = None
         self.cuts = 0
         self.rate: int | None = None  # bytes a second each connection's answers are held to
+        self.corrupt_path: str | None = None  # a GET of it gets one byte of its answer flipped
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -74,7 +86,7 @@ class Relay:
 
     def _serve(self, client: socket.socket) -> None:
         upstream = socket.create_connection(("127.0.0.1", self.target_port))
-        cut = {"armed": False}
+        cut = {"armed": False, "corrupt": False}
 
         def upward() -> None:
             buf = b""
@@ -90,6 +102,8 @@ class Relay:
                         if self.cut_after is not None and self.cut_path and self.cut_path in lines[0] \
                                 and lines[0].startswith("GET ") and not self.cuts:
                             cut["armed"] = True
+                        if self.corrupt_path and self.corrupt_path in lines[0] and lines[0].startswith("GET "):
+                            cut["corrupt"] = True
                     upstream.sendall(chunk)
             except OSError:
                 pass
@@ -98,8 +112,13 @@ class Relay:
 
         threading.Thread(target=upward, daemon=True).start()
         sent = 0
+        received = 0
         try:
             while chunk := upstream.recv(65536):
+                received += len(chunk)
+                if cut["corrupt"] and received > 1 << 20:  # well past the headers
+                    chunk = chunk[:-1] + bytes([chunk[-1] ^ 1])
+                    cut["corrupt"] = False
                 if cut["armed"] and self.cut_after is not None and sent + len(chunk) > self.cut_after:
                     client.sendall(chunk[:max(self.cut_after - sent, 0)])
                     self.cuts += 1
@@ -325,3 +344,179 @@ def _ignore(f, *args):
         f(*args)
     except OSError:
         pass  # its server was killed
+
+
+def test_an_upstream_blob_that_does_not_match_its_digest_is_never_kept(server_factory, upstream, relay, tmp_path):
+    layer = big_layer(16 << 20)
+    push_image(upstream.url, "app", "v1", [layer])
+    d = digest_of(layer)
+    r = relay(upstream.port)
+    r.corrupt_path = f"/blobs/{d}"
+    cache = server_factory(tmp_path / "cache", env=cache_env(r.url))
+    for _ in range(3):  # whatever a client got, it is not the blob: its own check fails
+        try:
+            got = fetch_all(f"{cache.url}/v2/app/blobs/{d}", 1)[0]
+            assert got[1] != d
+        except OSError:
+            pass  # cut short: the fetch failed while this client was still reading
+    assert not list((tmp_path / "cache/docker/registry/v2").rglob("blobs/sha256/*/*/data"))
+    log = cache.log_path.read_text()
+    assert "does not match its digest" in log
+    r.corrupt_path = None
+    assert fetch_all(f"{cache.url}/v2/app/blobs/{d}", 1) == [(200, d, len(layer))]
+
+
+# -- distribution 2.8.2 upstreams: htpasswd and token auth -------------------------------------
+
+USERS = {"mirror": "mirror-secret"}
+
+
+def basic_headers(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+class TokenIssuer:
+    """The test's own token server for distribution's `auth.token`: Basic credentials checked
+    against USERS, every action asked for granted; it counts the tokens it issued."""
+
+    def __init__(self) -> None:
+        self.maker = TokenMaker()
+        self.issued: list[str] = []
+        issuer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+                expected = basic_headers("mirror", USERS["mirror"])["Authorization"]
+                if self.headers.get("Authorization") != expected:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                access = []
+                for scope in query.get("scope", []):
+                    kind, name, actions = scope.split(":")
+                    access.append({"type": kind, "name": name, "actions": actions.split(",")})
+                issuer.issued.append(",".join(query.get("scope", [])))
+                body = json.dumps({"token": issuer.maker.token(access, time.time(), ttl=300),
+                                   "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def bearer(self, scope: str) -> dict[str, str]:
+        access = [{"type": "repository", "name": scope.split(":")[1], "actions": ["pull", "push"]}]
+        return {"Authorization": "Bearer " + self.maker.token(access, time.time())}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def distribution_upstream(tmp_path):
+    require_tool("docker-registry", "CNCF distribution 2.8.2, an upstream of the cache")
+    started: list[Distribution] = []
+    issuers: list[TokenIssuer] = []
+
+    def start(auth: str) -> tuple[Distribution, dict[str, str]]:
+        data = tmp_path / "distribution"
+        data.mkdir(exist_ok=True)
+        if auth == "htpasswd":
+            path = htpasswd_file(tmp_path / "htpasswd", USERS)
+            extra = f"auth: {{htpasswd: {{realm: upstream, path: {path}}}}}\n"
+            headers = basic_headers("mirror", USERS["mirror"])
+        else:
+            issuer = TokenIssuer()
+            issuers.append(issuer)
+            cert = write_pem(tmp_path / "issuer.pem", issuer.maker.cert)
+            extra = (f"auth: {{token: {{realm: '{issuer.url}', service: test-registry, issuer: test-issuer, "
+                     f"rootcertbundle: {cert}}}}}\n")
+            headers = issuer.bearer("repository:library/app:push")
+        d = Distribution(data, tmp_path, extra=extra, ready=(401,))
+        d.issuer = issuers[-1] if issuers else None  # type: ignore[attr-defined]
+        started.append(d)
+        return d, headers
+
+    yield start
+    for d in started:
+        d.stop()
+    for i in issuers:
+        i.close()
+
+
+@pytest.mark.parametrize("auth", ["htpasswd", "token"])
+def test_distribution_upstream_with_credentials(server_factory, distribution_upstream, tmp_path, auth):
+    upstream, headers = distribution_upstream(auth)
+    layer = os.urandom(2 << 20)
+    digest, manifest = push_image(upstream.url, "library/app", "v1", [layer], headers)
+    secret = tmp_path / "upstream-password"
+    secret.write_text(USERS["mirror"] + "\n")
+    cache = server_factory(tmp_path / "cache", env=cache_env(
+        upstream.url, REGISTRY_PROXY_USERNAME="mirror", REGISTRY_PROXY_PASSWORDFILE=str(secret)))
+    status, h, body = get(f"{cache.url}/v2/library/app/manifests/v1")
+    assert status == 200 and body == manifest and h["Docker-Content-Digest"] == digest
+    assert get(f"{cache.url}/v2/library/app/blobs/{digest_of(layer)}")[2] == layer
+    assert get(f"{cache.url}/v2/library/app/manifests/v1")[2] == manifest
+    if auth == "token":  # one token for the repository's scope, kept while it lasts
+        assert upstream.issuer.issued.count("repository:library/app:pull") == 1, upstream.issuer.issued
+    # Without the credentials the upstream refuses the cache, which has nothing to answer with.
+    anonymous = server_factory(tmp_path / "anonymous", env=cache_env(upstream.url))
+    status, _, body = get(f"{anonymous.url}/v2/library/app/manifests/v1")
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert "upstream" in anonymous.log_path.read_text()
+
+
+# -- real clients through the cache -------------------------------------------------------------
+
+def podman(tmp: Path, *args: str) -> str:
+    """Rootful podman with its storage, registries and auth file of its own under `tmp`."""
+    require_tool("podman", "real client pulling through the cache")
+    conf = tmp / "podman"
+    if not conf.exists():
+        conf.mkdir()
+        (conf / "storage.conf").write_text(
+            f'[storage]\ndriver = "vfs"\ngraphroot = "{conf}/graph"\nrunroot = "{conf}/run"\n')
+        (conf / "containers.conf").write_text('[engine]\nevents_logger = "file"\ncgroup_manager = "cgroupfs"\n')
+        (conf / "auth.json").write_text('{"auths":{}}')
+    registries = conf / "registries.conf"
+    registries.write_text("")
+    env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf / "storage.conf"),
+           "CONTAINERS_CONF": str(conf / "containers.conf"), "CONTAINERS_REGISTRIES_CONF": str(registries),
+           "REGISTRY_AUTH_FILE": str(conf / "auth.json")}
+    r = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, f"podman {' '.join(args)}\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def test_skopeo_and_podman_pull_a_multi_platform_image_through(server_factory, upstream, relay, tmp_path):
+    from .oci_layout import build_index
+    from .test_e2e_skopeo import blobs, skopeo
+    require_tool("skopeo", "real client pulling through the cache")
+    src = tmp_path / "src"
+    index_digest = build_index(src, "multi", ROOT / "regserve")
+    up = upstream.url.removeprefix("http://")
+    skopeo("copy", "--all", "--preserve-digests", "--dest-tls-verify=false", f"oci:{src}:multi",
+           f"docker://{up}/e2e/multi:latest")
+    r = relay(upstream.port)
+    cache = server_factory(tmp_path / "cache", env=cache_env(r.url))
+    host = cache.url.removeprefix("http://")
+    out = tmp_path / "out"
+    skopeo("copy", "--all", "--preserve-digests", "--src-tls-verify=false",
+           f"docker://{host}/e2e/multi:latest", f"oci:{out}:multi")
+    assert json.loads((out / "index.json").read_text())["manifests"][0]["digest"] == index_digest
+    assert blobs(out) == blobs(src)
+    podman(tmp_path, "pull", "--tls-verify=false", "--platform", "linux/arm64", f"{host}/e2e/multi:latest")
+    pulled = json.loads(podman(tmp_path, "image", "inspect", f"{host}/e2e/multi:latest"))
+    assert pulled[0]["Digest"] == index_digest and pulled[0]["Architecture"] == "arm64"
+    podman(tmp_path, "rmi", "--all")
+    fetched = [line for line, _ in r.requests if line.startswith("GET ") and "/blobs/" in line]
+    assert len(fetched) == len(set(fetched)), fetched  # every blob once, whoever pulled it
