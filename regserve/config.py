@@ -98,7 +98,7 @@ IMPLEMENTED = {
     "auth.token.service", "auth.token.issuer", "auth.token.rootcertbundle", "auth.token.jwks",
     "auth.token.signingalgorithms", "auth.tokenserver", "auth.accesscontrol", "http.tls.certificate",
     "http.tls.key", "http.tls.clientcas", "http.tls.clientauth", "http.tls.minimumtls",
-    "proxy.remoteurl", "proxy.username", "proxy.password", "proxy.passwordfile",
+    "proxy.remoteurl", "proxy.username", "proxy.password", "proxy.passwordfile", "proxy.ttl",
 }
 
 # http.tls values (distribution's names) and what Python's ssl makes of them.
@@ -270,6 +270,7 @@ class Config:
     proxy_url: str | None = None            # proxy.remoteurl: a pull-through cache of this registry
     proxy_username: str | None = None
     proxy_password: str | None = None
+    proxy_ttl: float = 7 * 24 * 3600.0      # proxy.ttl: cached content expires this long after its fetch (0: never)
     notifications: list[Any] = field(default_factory=list)   # notifications.Endpoint
     notify_references: bool = False
     auth_mode: str = "none"                 # none, htpasswd, token
@@ -431,6 +432,9 @@ def _load_proxy(c: Config, doc: dict[str, Any]) -> None:
         raise ConfigError("proxy.remoteurl: an http:// or https:// URL")
     c.proxy_url = url.rstrip("/")
     c.proxy_username = _get(doc, "proxy.username") or None
+    c.proxy_ttl = parse_duration(_get(doc, "proxy.ttl", "168h"), "proxy.ttl")
+    if c.proxy_ttl < 0:
+        raise ConfigError("proxy.ttl: not negative (0 keeps cached content for ever)")
     c.proxy_password = _get(doc, "proxy.password")
     password_file = _get(doc, "proxy.passwordfile")
     if password_file:

@@ -171,6 +171,23 @@ async def _gc_loop(app: web.Application, config: Config) -> None:
         await asyncio.sleep(config.gc_interval)
 
 
+async def _expiry_loop(app: web.Application, config: Config) -> None:
+    """proxy.ttl: a pull-through cache's links to what it fetched more than `ttl` ago are
+    removed (the next pull fetches again). It deletes: an error stops the pass, loudly."""
+    from .api.common import REGISTRY_KEY
+    from .proxy.expiry import expire, interval
+    while True:
+        await asyncio.sleep(interval(config.proxy_ttl))
+        try:
+            expired = await expire(app[REGISTRY_KEY], config.proxy_ttl)
+            if expired.manifests or expired.layers:
+                log.info("pull-through cache: %d manifests and %d layers expired (proxy.ttl)",
+                         expired.manifests, expired.layers)
+        except Exception:
+            log.exception("pull-through cache expiry stopped; it runs again in %.0f s",
+                          interval(config.proxy_ttl))
+
+
 def tls_context(config: Config) -> ssl.SSLContext | None:
     """http.tls: certificate and key, minimum version, and client certificates (mutual TLS)."""
     if not config.tls_certificate:
@@ -211,6 +228,8 @@ async def serve(config: Config, sock: socket.socket, purge: bool = True,
         background.append(asyncio.ensure_future(_purge_loop(app, config)))
     if purge and config.gc_enabled and not config.readonly:
         background.append(asyncio.ensure_future(_gc_loop(app, config)))
+    if purge and config.proxy_url and config.proxy_ttl > 0 and not config.readonly:
+        background.append(asyncio.ensure_future(_expiry_loop(app, config)))
     await stop.wait()
     log.info("stopping: in-flight requests get up to %ss", config.drain_timeout or 5.0)
     for task in background:

@@ -520,3 +520,23 @@ def test_skopeo_and_podman_pull_a_multi_platform_image_through(server_factory, u
     podman(tmp_path, "rmi", "--all")
     fetched = [line for line, _ in r.requests if line.startswith("GET ") and "/blobs/" in line]
     assert len(fetched) == len(set(fetched)), fetched  # every blob once, whoever pulled it
+
+
+def test_cached_content_expires_after_the_ttl_and_is_fetched_again(server_factory, upstream, relay, tmp_path):
+    layer = os.urandom(200_000)
+    digest, manifest = push_image(upstream.url, "app", "v1", [layer])
+    r = relay(upstream.port)
+    cache = server_factory(tmp_path / "cache", env=cache_env(r.url, REGISTRY_PROXY_TTL="1s"))
+    assert get(f"{cache.url}/v2/app/manifests/v1")[2] == manifest
+    assert get(f"{cache.url}/v2/app/blobs/{digest_of(layer)}")[2] == layer
+    repo = tmp_path / "cache/docker/registry/v2/repositories/app"
+    deadline = time.time() + 20
+    while list(repo.rglob("link")) and time.time() < deadline:
+        time.sleep(0.1)
+    assert list(repo.rglob("link")) == []
+    assert "expired (proxy.ttl)" in cache.log_path.read_text()
+    assert get(f"{cache.url}/v2/app/manifests/v1")[2] == manifest
+    assert get(f"{cache.url}/v2/app/blobs/{digest_of(layer)}")[2] == layer
+    assert len(r.blob_gets(digest_of(layer))) == 1  # the store still had the bytes: linked again
+    gets = [line for line, _ in r.requests if line.startswith("GET ") and "/manifests/" in line]
+    assert len(gets) == 2, gets
