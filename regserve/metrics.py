@@ -39,7 +39,8 @@ class _Metrics:
         self.gc_manifests = Counter("regserve_gc_manifests_deleted", "Manifests garbage collection deleted")
         self.gc_bytes = Counter("regserve_gc_bytes_freed", "Bytes of blobs garbage collection deleted")
         self.proxy = Counter("regserve_proxy_requests", "Pull-through cache lookups, by what was "
-                             "looked up and whether it was here", ["kind", "result"])
+                             "looked up and whether it was here (hit), fetched for it (miss) or "
+                             "being fetched (joined)", ["kind", "result"])
         self.upstream = Counter("regserve_proxy_upstream_bytes", "Bytes a pull-through cache fetched from its upstream")
         self.events = Counter("regserve_notifications", "Notification events", ["endpoint", "result"])
         self.events_pending = Gauge("regserve_notifications_pending", "Events waiting to be sent",

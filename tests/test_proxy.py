@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from .authutil import TokenMaker, htpasswd_file, write_pem
-from .conftest import ROOT, digest_of, http, image_manifest, require_tool
+from .conftest import ROOT, digest_of, free_port, http, image_manifest, require_tool
 from .test_layout_compat import Distribution
 
 CONFIG = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
@@ -540,3 +540,30 @@ def test_cached_content_expires_after_the_ttl_and_is_fetched_again(server_factor
     assert len(r.blob_gets(digest_of(layer))) == 1  # the store still had the bytes: linked again
     gets = [line for line, _ in r.requests if line.startswith("GET ") and "/manifests/" in line]
     assert len(gets) == 2, gets
+
+
+def test_metrics_count_hits_misses_and_upstream_bytes(server_factory, upstream, tmp_path):
+    layer = os.urandom(300_000)
+    push_image(upstream.url, "app", "v1", [layer])
+    debug = f"127.0.0.1:{free_port()}"
+    cache = server_factory(tmp_path / "cache", env=cache_env(
+        upstream.url, REGISTRY_HTTP_DEBUG_ADDR=debug, REGISTRY_HTTP_DEBUG_PROMETHEUS_ENABLED="true"))
+    get(f"{cache.url}/v2/app/manifests/v1")
+    assert get(f"{cache.url}/v2/app/blobs/{digest_of(layer)}")[2] == layer
+    d = digest_of(layer)
+    published = tmp_path / f"cache/docker/registry/v2/blobs/sha256/{d[7:9]}/{d[7:]}/data"
+    deadline = time.time() + 10
+    while not published.exists() and time.time() < deadline:  # the fetch ends just after its bytes
+        time.sleep(0.01)
+    for _ in range(2):
+        assert get(f"{cache.url}/v2/app/blobs/{d}")[2] == layer
+    text = get(f"http://{debug}/metrics")[2].decode()
+
+    def value(pattern: str) -> float:
+        m = re.search("^" + pattern + r" (\S+)", text, re.M)
+        assert m, pattern
+        return float(m.group(1))
+    assert value(r'regserve_proxy_requests_total\{kind="blob",result="miss"\}') == 1
+    assert value(r'regserve_proxy_requests_total\{kind="blob",result="hit"\}') == 2
+    assert value(r'regserve_proxy_requests_total\{kind="manifest",result="miss"\}') == 1
+    assert value(r"regserve_proxy_upstream_bytes_total") >= len(layer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
@@ -16,7 +16,7 @@ from ..storage import PathNotFound
 from . import events
 from .auth import requires
 from .common import CONFIG_KEY, PROXY_KEY, registry, repository
-from .sendfile import hang_up, send_file
+from .sendfile import hang_up, send_file, send_spans
 
 _RANGE_RE = re.compile(r"bytes=(\d{0,30})-(\d{0,30})")  # longer numbers: malformed, so ignored
 
@@ -97,6 +97,17 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         raise BlobUnknown({"digest": str(d)}) from None
 
 
+async def _cut_off_if_failed(items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A failed fetch, as what it is to a download under way: the connection is dropped."""
+    try:
+        async for item in items:
+            yield item
+    except FetchFailed as e:
+        raise ConnectionAbortedError(str(e)) from None
+    finally:
+        await items.aclose()  # type: ignore[attr-defined]  # its file, now, not when collected
+
+
 def _requested(request: web.Request, size: int, headers: dict[str, str]) -> tuple[int, int, int]:
     """(start, end inclusive, status) of what a GET asks for: its Range, if any and if its
     If-Range still holds; Content-Range is added to `headers` for a partial answer."""
@@ -123,18 +134,19 @@ async def _send_growing(request: web.Request, proxy: PullThrough, blob: Growing,
     if request.method != "HEAD":
         events.emit(request, "pull", events.blob(request, name, blob.digest, blob.size))
 
-    async def chunks() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in proxy.reader(blob, start, count):
-                yield chunk
-        except FetchFailed as e:
-            raise ConnectionAbortedError(str(e)) from None  # mid-body: the connection is dropped
-
+    config = request.app[CONFIG_KEY]
+    response = web.StreamResponse(status=status, headers=headers)
+    tls = request.transport is not None and request.transport.get_extra_info("sslcontext")
+    spans = None if tls else proxy.spans(blob, start, count)
+    items = _cut_off_if_failed(spans if spans is not None else proxy.reader(blob, start, count))
     try:
-        return await _stream(request, web.StreamResponse(status=status, headers=headers), chunks(),
-                             count, request.app[CONFIG_KEY].write_timeout)
+        if spans is not None:
+            return await send_spans(request, response, items, count, config.sendfile, config.write_timeout)
+        return await _stream(request, response, items, count, config.write_timeout)
     except ConnectionAbortedError:  # before anything was sent
         raise BlobUnknown({"digest": str(blob.digest)}) from None
+    finally:
+        await items.aclose()
 
 
 async def _stream(request: web.Request, response: web.StreamResponse, chunks: AsyncIterator[bytes],

@@ -38,6 +38,7 @@ import mmap
 import os
 import socket
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import AsyncIterator
 
 from aiohttp import web
 
@@ -230,6 +231,34 @@ def hang_up(request: web.Request, response: web.StreamResponse, err: OSError) ->
     response.force_close()
     if request.transport is not None:
         request.transport.abort()
+    return response
+
+
+async def send_spans(request: web.Request, response: web.StreamResponse,
+                     spans: AsyncIterator[tuple[int, int, int]], count: int, use_sendfile: bool | None,
+                     write_timeout: float) -> web.StreamResponse:
+    """send_file() for a file that is still being written (a pull-through cache's fetch):
+    `spans` yields (descriptor, offset, length) as its bytes land, `count` in all. The first
+    span is had before the headers go out, so a failure before it is still an error answer;
+    one after them drops the connection."""
+    first = await anext(spans, None) if count and request.method != "HEAD" else None
+    response.content_length = count
+    await response.prepare(request)
+    if first is not None:
+        try:
+            span: tuple[int, int, int] | None = first
+            while span is not None:
+                fd, offset, length = span
+                if length <= SMALL:
+                    async with asyncio.timeout(write_timeout):
+                        await response.write(os.pread(fd, length, offset))
+                else:
+                    await _send_large(request, fd, offset, length, use_sendfile, write_timeout)
+                span = await anext(spans, None)
+        except (OSError, TimeoutError) as err:
+            return hang_up(request, response, err)
+        metrics.pulled(count)
+    await response.write_eof()
     return response
 
 

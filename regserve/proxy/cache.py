@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -185,7 +186,9 @@ class PullThrough:
             pass
         session = UploadSession(repo.uploads, fetch_id(d))
         size = await self._recorded_size(session)
+        result = "joined"  # a fetch under way
         if size is None:
+            result = "miss"
             size = await self._upstream_size(repo, d)  # 404 and 502 come before anything is made
             if head:
                 return size
@@ -195,7 +198,7 @@ class PullThrough:
                 metrics.proxied("blob", "hit")
                 return await repo.blobs.stat(d)
             await self._open(session, size)
-        metrics.proxied("blob", "miss")
+        metrics.proxied("blob", result)
         self._ensure_fetcher(repo, d, session)
         return Growing(d, size, session)
 
@@ -322,33 +325,30 @@ class PullThrough:
             return total
 
     def reader(self, blob: Growing, start: int, count: int) -> AsyncIterator[bytes]:
+        """The blob's bytes [start, start+count) as the fetch writes them, then from the blob."""
         return self._follow(blob, start, count)
 
+    def spans(self, blob: Growing, start: int, count: int) -> AsyncIterator[tuple[int, int, int]] | None:
+        """reader() as (descriptor, offset, length) spans of a local file, to send with
+        sendfile; None where the storage has no local files."""
+        path = self.driver.local_path(blob.session.data_path)
+        return None if path is None else self._local_spans(blob, start, count, path)
+
     async def _follow(self, blob: Growing, start: int, count: int) -> AsyncIterator[bytes]:
-        """The blob's bytes [start, start+count) as the fetch writes them, then from the blob."""
         session, driver = blob.session, self.driver
         position, end = start, start + count
         progress = time.monotonic()
-        repo = self.registry.repository(session.name)
         while position < end:
             try:
                 available = (await driver.stat(session.data_path)).size
             except PathNotFound:
-                available = None
-            if available is None or available <= position:
-                if await self.registry.blob_store.exists(blob.digest):
+                available = 0
+            if available <= position:
+                if await self._no_progress(blob, progress):
                     info = await self.registry.blob_store.stat(blob.digest)
                     async for chunk in self.registry.blob_store.reader(info, position, end - position):
                         yield chunk
                     return
-                if available is None and not await self._session_there(session):
-                    raise FetchFailed(f"the fetch of {blob.digest} ended without the blob")
-                idle = time.monotonic() - progress
-                if idle > GIVE_UP:
-                    raise FetchFailed(f"the fetch of {blob.digest} made no progress for {GIVE_UP:.0f} s")
-                if idle > STALLED:
-                    self._ensure_fetcher(repo, blob.digest, session)  # its fetcher died: take over
-                await asyncio.sleep(self._poll(session))
                 continue
             try:
                 async for chunk in driver.reader(session.data_path, position, min(available, end) - position):
@@ -357,6 +357,62 @@ class PullThrough:
             except PathNotFound:
                 continue  # published just now: the blob has it
             progress = time.monotonic()
+
+    async def _local_spans(self, blob: Growing, start: int, count: int,
+                           path: str) -> AsyncIterator[tuple[int, int, int]]:
+        """_follow() on the filesystem: the session's data file is opened once and read as it
+        grows; publishing renames that very file into the blob store, so the descriptor reads
+        on to the end (it is reopened by its new name only if another copy was published)."""
+        fd = _open(path)
+        position, end = start, start + count
+        progress = time.monotonic()
+        try:
+            while position < end:
+                size = os.fstat(fd).st_size if fd is not None else 0
+                if size > position:
+                    length = min(size, end) - position
+                    yield fd, position, length  # type: ignore[misc]
+                    position += length
+                    progress = time.monotonic()
+                    continue
+                if await self._no_progress(blob, progress):
+                    published = self.driver.local_path(paths.blob_data(blob.digest))
+                    if fd is not None:
+                        os.close(fd)
+                    fd = _open(published) if published else None
+                    if fd is None or os.fstat(fd).st_size < end:
+                        raise FetchFailed(f"{blob.digest} was published and is gone again")
+                elif fd is None:
+                    fd = _open(path)  # the first bytes are on their way
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    async def _no_progress(self, blob: Growing, since: float) -> bool:
+        """Nothing new to read: True if the blob was published meanwhile. FetchFailed if the
+        fetch ended without it, or made no progress for GIVE_UP; a reader that saw none for
+        STALLED tries to take the fetch over (its fetcher died). Else it waits a poll."""
+        store = self.registry.blob_store
+        if await store.exists(blob.digest):
+            return True
+        if not await self._session_there(blob.session):
+            if await store.exists(blob.digest):  # published between the two looks
+                return True
+            raise FetchFailed(f"the fetch of {blob.digest} ended without the blob")
+        idle = time.monotonic() - since
+        if idle > GIVE_UP:
+            raise FetchFailed(f"the fetch of {blob.digest} made no progress for {GIVE_UP:.0f} s")
+        if idle > STALLED:
+            self._ensure_fetcher(self.registry.repository(blob.session.name), blob.digest, blob.session)
+        await asyncio.sleep(self._poll(blob.session))
+        return False
+
+
+def _open(path: str) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
 
 
 def _total(r: aiohttp.ClientResponse) -> int | None:
