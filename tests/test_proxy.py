@@ -274,10 +274,12 @@ def fetch_all(url: str, clients: int) -> list[tuple[int, str, int]]:
     """`clients` concurrent GETs of `url`: (status, sha256 of the body, its length) each."""
     def one(_: int) -> tuple[int, str, int]:
         h, n = hashlib.sha256(), 0
+        buf = bytearray(4 << 20)
+        view = memoryview(buf)
         with urllib.request.urlopen(url, timeout=300) as r:
-            while chunk := r.read(1 << 20):
-                h.update(chunk)
-                n += len(chunk)
+            while got := r.readinto(buf):
+                h.update(view[:got])
+                n += got
             return r.status, "sha256:" + h.hexdigest(), n
     with ThreadPoolExecutor(clients) as pool:
         return list(pool.map(one, range(clients)))
@@ -289,6 +291,16 @@ def big_layer(size: int) -> bytes:
     return b"".join(i.to_bytes(8, "big") + block[8:] for i in range(size >> 20))
 
 
+def peak_rss_mib(pid: int) -> list[float]:
+    """VmHWM of a process and its children (the workers)."""
+    pids = [pid] + [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    peaks = []
+    for p in pids:
+        status = Path(f"/proc/{p}/status").read_text()
+        peaks.append(int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024)
+    return peaks
+
+
 def test_32_clients_one_upstream_fetch_across_workers(server_factory, upstream, relay, tmp_path):
     layer = big_layer(1 << 30)
     push_image(upstream.url, "big", "v1", [layer])
@@ -298,6 +310,9 @@ def test_32_clients_one_upstream_fetch_across_workers(server_factory, upstream, 
     cache = server_factory(tmp_path / "cache", env=cache_env(r.url), workers=2)
     results = fetch_all(f"{cache.url}/v2/big/blobs/{d}", 32)
     assert all(x == (200, d, 1 << 30) for x in results), results[:3]
+    peaks = peak_rss_mib(cache.proc.pid)
+    print("peak RSS of the cache's processes (MiB):", peaks)
+    assert max(peaks) < 200, peaks  # a 1 GiB blob, to 32 clients: never in memory
     assert r.blob_gets(d) == [None]
     assert (tmp_path / f"cache/docker/registry/v2/blobs/sha256/{d[7:9]}/{d[7:]}/data").stat().st_size == 1 << 30
 
