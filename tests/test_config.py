@@ -268,3 +268,31 @@ def test_log_formatter_and_debug_address(tmp_path):
         load(None, {"REGISTRY_LOG_FORMATTER": "xml"})
     with pytest.raises(ConfigError, match="needs http.debug.addr"):
         load(None, {"REGISTRY_HTTP_DEBUG_PROMETHEUS_ENABLED": "true"})
+
+
+def test_proxy_section(tmp_path):
+    base = "version: 0.1\nstorage:\n  filesystem: {rootdirectory: /d}\n"
+    c = load(write(tmp_path, base + "proxy: {remoteurl: 'https://registry-1.docker.io/', username: u, "
+                   "password: p, ttl: 24h}\n"), {})
+    assert (c.proxy_url, c.proxy_username, c.proxy_password, c.proxy_ttl) == \
+        ("https://registry-1.docker.io", "u", "p", 86400)
+    assert not [k for k in c.ignored if k.startswith("proxy")]
+    secret = tmp_path / "secret"
+    secret.write_text("from-a-file\n")
+    c = load(None, {"REGISTRY_PROXY_REMOTEURL": "http://127.0.0.1:5001", "REGISTRY_PROXY_USERNAME": "u",
+                    "REGISTRY_PROXY_PASSWORDFILE": str(secret)})
+    assert (c.proxy_url, c.proxy_password, c.proxy_ttl) == ("http://127.0.0.1:5001", "from-a-file", 7 * 86400)
+    assert load(write(tmp_path, base), {}).proxy_url is None
+    assert "proxy.exec" in load(write(tmp_path, base + "proxy: {remoteurl: 'http://u', exec: {command: h}}\n"),
+                                {}).ignored
+
+
+@pytest.mark.parametrize("text,message", [
+    ("proxy: {remoteurl: 'ftp://x'}\n", "proxy.remoteurl"),
+    ("proxy: {remoteurl: 'http://x', ttl: -1h}\n", "proxy.ttl"),
+    ("proxy: {remoteurl: 'http://x', password: p, passwordfile: /f}\n", "not both"),
+    ("proxy: {remoteurl: 'http://x', passwordfile: /no/such/file}\n", "proxy.passwordfile"),
+])
+def test_proxy_errors_are_named(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, "version: 0.1\nstorage:\n  filesystem: {rootdirectory: /d}\n" + text), {})

@@ -65,7 +65,8 @@ class Relay:
         self.cut_path: str | None = None
         self.cuts = 0
         self.rate: int | None = None  # bytes a second each connection's answers are held to
-        self.corrupt_path: str | None = None  # a GET of it gets one byte of its answer flipped
+        self.corrupt_path: str | None = None  # a GET of it gets one byte of its answer flipped,
+        self.corrupt_at = 1 << 20             # the last of the first piece received after this many
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -116,7 +117,7 @@ class Relay:
         try:
             while chunk := upstream.recv(65536):
                 received += len(chunk)
-                if cut["corrupt"] and received > 1 << 20:  # well past the headers
+                if cut["corrupt"] and received > self.corrupt_at:
                     chunk = chunk[:-1] + bytes([chunk[-1] ^ 1])
                     cut["corrupt"] = False
                 if cut["armed"] and self.cut_after is not None and sent + len(chunk) > self.cut_after:
@@ -582,3 +583,17 @@ def test_metrics_count_hits_misses_and_upstream_bytes(server_factory, upstream, 
     assert value(r'regserve_proxy_requests_total\{kind="blob",result="hit"\}') == 2
     assert value(r'regserve_proxy_requests_total\{kind="manifest",result="miss"\}') == 1
     assert value(r"regserve_proxy_upstream_bytes_total") >= len(layer)
+
+
+def test_a_manifest_that_does_not_match_its_digest_is_refused_and_not_kept(server_factory, upstream, relay, tmp_path):
+    digest, manifest = push_image(upstream.url, "app", "v1", [b"x"])
+    r = relay(upstream.port)
+    r.corrupt_path, r.corrupt_at = f"/manifests/{digest}", 0  # the last byte of the (one-piece) answer
+    cache = server_factory(tmp_path / "cache", env=cache_env(r.url))
+    status, _, body = get(f"{cache.url}/v2/app/manifests/v1")
+    assert status == 502 and "does not match" in json.loads(body)["errors"][0]["message"] + \
+        json.dumps(json.loads(body)["errors"][0].get("detail"))
+    assert not (tmp_path / "cache/docker/registry/v2/repositories/app/_manifests").exists() or \
+        not list((tmp_path / "cache/docker/registry/v2/repositories/app/_manifests").rglob("link"))
+    r.corrupt_path = None
+    assert get(f"{cache.url}/v2/app/manifests/v1")[2] == manifest

@@ -36,6 +36,7 @@ from ..errors import (
     BlobUploadInvalid,
     BlobUploadUnknown,
     DigestInvalid,
+    ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
     UpstreamFailed,
@@ -79,6 +80,7 @@ class PullThrough:
         self.registry, self.upstream = registry, upstream
         self.driver = registry.driver
         self._fetches: dict[tuple[str, Digest], asyncio.Task[None]] = {}
+        self._tried: dict[tuple[str, Digest], float] = {}  # when a reader last tried to take a fetch over
 
     async def close(self) -> None:
         for task in list(self._fetches.values()):
@@ -136,7 +138,7 @@ class PullThrough:
                     raise ManifestUnknown({"reference": reference})
                 if r.status != 200:
                     raise UpstreamFailed({"status": r.status})
-                payload = await r.content.read(MAX_MANIFEST_BYTES + 1)
+                payload = await _read_at_most(r, MAX_MANIFEST_BYTES + 1)
                 content_type = r.headers.get("Content-Type")
                 named = r.headers.get("Docker-Content-Digest")
         except UpstreamUnavailable as e:
@@ -153,7 +155,11 @@ class PullThrough:
         if d is not None and actual != d:
             log.error("upstream sent %s for %s:%s: not caching it", actual, repo.name, reference)
             raise UpstreamFailed({"reason": "the upstream's manifest does not match its digest"})
-        m = await repo.manifests.keep(payload, content_type, actual, tag)
+        try:
+            m = await repo.manifests.keep(payload, content_type, actual, tag)
+        except ManifestInvalid as e:  # schema1, say, or more than a manifest may weigh
+            log.error("the upstream's manifest %s:%s cannot be kept: %s", repo.name, reference, e.message)
+            raise UpstreamFailed({"reason": f"the upstream's manifest cannot be kept: {e.message}"}) from None
         return m.digest, payload, m.media_type
 
     async def tags(self, repo: Repository) -> list[str]:
@@ -402,10 +408,25 @@ class PullThrough:
         idle = time.monotonic() - since
         if idle > GIVE_UP:
             raise FetchFailed(f"the fetch of {blob.digest} made no progress for {GIVE_UP:.0f} s")
-        if idle > STALLED:
+        key = (blob.session.name, blob.digest)
+        if idle > STALLED and time.monotonic() - self._tried.get(key, 0.0) > STALLED:
+            self._tried[key] = time.monotonic()  # a try every STALLED at most, per process
+            while len(self._tried) > 1000:
+                del self._tried[next(iter(self._tried))]
             self._ensure_fetcher(self.registry.repository(blob.session.name), blob.digest, blob.session)
         await asyncio.sleep(self._poll(blob.session))
         return False
+
+
+async def _read_at_most(r: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first `limit` bytes and more: what a manifest must stay below."""
+    parts, total = [], 0
+    async for chunk in r.content.iter_any():
+        parts.append(chunk)
+        total += len(chunk)
+        if total >= limit:
+            break
+    return b"".join(parts)
 
 
 def _open(path: str) -> int | None:
