@@ -22,3 +22,16 @@ from regserve.proxy.upstream import parse_challenge
 ])
 def test_challenges(header, expected):
     assert parse_challenge(header) == expected
+
+
+@pytest.mark.parametrize("link,expected", [
+    ('</v2/a/b/tags/list?last=x&n=100>; rel="next"', "/v2/a/b/tags/list?last=x&n=100"),
+    ("</v2/a/b/tags/list?n=2&last=v9>;rel=next", "/v2/a/b/tags/list?n=2&last=v9"),
+    ('<https://elsewhere.example/v2/a/b/tags/list?last=x>; rel="next"', None),  # credentials stay home
+    ('</v2/other/tags/list?last=x>; rel="next"', None),
+    ('</v2/a/b/tags/list?last=x>; rel="prev"', None),
+    (None, None),
+])
+def test_tags_pages_followed_only_on_the_upstream(link, expected):
+    from regserve.proxy.cache import _next_page
+    assert _next_page(link, "a/b") == expected

@@ -24,11 +24,13 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import aiohttp
+from yarl import URL
 
 from .. import metrics
 from ..errors import (
@@ -39,9 +41,10 @@ from ..errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
+    RegistryError,
     UpstreamFailed,
 )
-from ..reference import Digest, is_digest, parse_digest
+from ..reference import TAG_RE, Digest, is_digest, parse_digest
 from ..registry import Registry, Repository, paths
 from ..registry.blobs import BlobInfo
 from ..registry.manifests import MAX_MANIFEST_BYTES, compute_digest
@@ -56,6 +59,7 @@ STALLED = 2.0              # a reader that sees no progress this long tries to t
                            # (a try costs one lock attempt: Busy while the fetcher lives)
 GIVE_UP = 60.0             # and gives up after this long
 RETRIES = 5                # upstream failures in a row before a fetch stops (resumed by the next reader)
+TAG_PAGES = 100            # pages of an upstream's tags list followed at most
 SIZE_NAME = "size"         # the fetch session's object holding the blob's size, once the upstream said
 
 
@@ -98,7 +102,13 @@ class PullThrough:
                 return found
             except ManifestUnknown:
                 pass
-            return await self._fetch_manifest(repo, parse_digest(reference), None)
+            try:
+                d = parse_digest(reference)
+            except RegistryError:  # malformed, or an algorithm not kept here: nothing to ask for
+                raise ManifestUnknown({"reference": reference}) from None
+            return await self._fetch_manifest(repo, d, None)
+        if not TAG_RE.fullmatch(reference):  # what no tag can be is never sent upstream
+            raise ManifestUnknown({"reference": reference})
         try:
             async with self.upstream.request("HEAD", f"/v2/{repo.name}/manifests/{reference}", repo.name,
                                              {"Accept": MANIFEST_TYPES}) as r:
@@ -165,16 +175,24 @@ class PullThrough:
     async def tags(self, repo: Repository) -> list[str]:
         """The upstream's tags of the repository (all of them, for the caller to page), or the
         cached ones when the upstream cannot be reached."""
+        found: list[str] = []
+        path: str | None = f"/v2/{repo.name}/tags/list"
         try:
-            async with self.upstream.request("GET", f"/v2/{repo.name}/tags/list", repo.name) as r:
-                if r.status == 404:
-                    raise NameUnknown({"name": repo.name})
-                if r.status == 200:
-                    doc = await r.json(content_type=None)
+            for _ in range(TAG_PAGES):  # the upstream's pages (GHCR, Harbor: `n` a page, a Link on)
+                async with self.upstream.request("GET", str(path), repo.name) as r:
+                    if r.status == 404:
+                        raise NameUnknown({"name": repo.name})
+                    doc = await r.json(content_type=None) if r.status == 200 else None
                     tags = doc.get("tags") if isinstance(doc, dict) else None
-                    if isinstance(tags, list) and all(isinstance(t, str) for t in tags):
-                        return sorted(tags)
-                log.warning("upstream answered the tags of %s with %d", repo.name, r.status)
+                    if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+                        log.warning("upstream answered the tags of %s with %d", repo.name, r.status)
+                        return await repo.tags.all()
+                    found += tags
+                    path = _next_page(r.headers.get("Link"), repo.name)
+                if path is None:
+                    return sorted(set(found))
+            log.warning("the upstream's tags of %s go on past %d pages: listing those", repo.name, TAG_PAGES)
+            return sorted(set(found))
         except (UpstreamUnavailable, UpstreamDenied, aiohttp.ClientError, ValueError) as e:
             log.warning("upstream: %s; listing the cached tags of %s", e, repo.name)
         return await repo.tags.all()
@@ -434,6 +452,20 @@ def _open(path: str) -> int | None:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+
+
+def _next_page(link: str | None, name: str) -> str | None:
+    """The path and query of a tags list's next page (`Link: </v2/<name>/tags/list?...>;
+    rel="next"`), if it names this repository's list on the same upstream."""
+    if not link:
+        return None
+    m = re.match(r'\s*<([^>]*)>\s*;\s*rel="?next"?', link)
+    if not m:
+        return None
+    target = URL(m.group(1))
+    if target.is_absolute() or target.path != f"/v2/{name}/tags/list":
+        return None  # elsewhere: not followed, as the credentials would go with it
+    return str(target)
 
 
 def _total(r: aiohttp.ClientResponse) -> int | None:
