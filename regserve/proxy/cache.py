@@ -221,7 +221,10 @@ class PullThrough:
                     await repo.blobs.link(d)
                 metrics.proxied("blob", "hit")
                 return await repo.blobs.stat(d)
-            await self._open(session, size)
+            try:
+                await self._open(session, size)
+            except BlobUploadUnknown:  # a fetch under way ended just now
+                return await repo.blobs.stat(d)
         metrics.proxied("blob", result)
         self._ensure_fetcher(repo, d, session)
         return Growing(d, size, session)
@@ -241,15 +244,15 @@ class PullThrough:
             raise BlobUnknown({"digest": str(d)}) from None
 
     async def _open(self, session: UploadSession, size: int) -> None:
-        """Open the fetch session, or join it: its size is the upstream's word."""
+        """Open the fetch session, or join it: its size is the upstream's word, written by an
+        owner of the session, so never into one that ended (BLOB_UPLOAD_UNKNOWN then)."""
         started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ").encode()
         try:
             await self.driver.put_content(paths.upload_startedat(session.name, session.id), started,
                                           exclusive=True)
         except AlreadyExists:
             pass
-        await self.driver.put_content(f"{paths.upload_dir(session.name, session.id)}/{SIZE_NAME}",
-                                      str(size).encode())
+        await session.add_object(SIZE_NAME, str(size).encode())
 
     async def _recorded_size(self, session: UploadSession) -> int | None:
         try:

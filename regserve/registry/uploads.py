@@ -402,14 +402,14 @@ class UploadSession:
                 raise BlobUploadInvalid({"upload": self.id}, "another request is writing to this upload") from None
             yield
 
-    async def add_object(self, name: str) -> str:
-        """An empty object `name` in the session's directory, created by an owner (so never
-        after the session ended), unless it is there; its path. For a pull-through cache's
-        fetch, whose downloader owns it (`driver.lock`)."""
+    async def add_object(self, name: str, data: bytes = b"") -> str:
+        """An object `name` in the session's directory, created by an owner (so never after the
+        session ended: BLOB_UPLOAD_UNKNOWN then) unless it is there; its path. For a
+        pull-through cache's fetch: the blob's size, and the object its downloader owns."""
         path = f"{paths.upload_dir(self.name, self.id)}/{name}"
         async with self._owned():
             try:
-                await self.driver.put_content(path, b"", exclusive=True)
+                await self.driver.put_content(path, data, exclusive=True)
             except AlreadyExists:
                 pass
         return path
