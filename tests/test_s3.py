@@ -668,3 +668,51 @@ def test_a_pull_through_cache_on_s3_fetches_once_for_every_replica(rgw, server_f
         assert fetch_all(f"{third.url}/v2/team/base/blobs/{d}", 1) == [(200, d, len(layer))]
     finally:
         relay.close()
+
+
+def test_a_cache_replica_killed_mid_fetch_is_taken_over_on_s3(rgw, server_factory, tmp_path):
+    """kill -9 of the replica fetching: its lease runs out, a reader on another replica takes the
+    fetch over from the last round in the bucket, and its client gets the whole blob."""
+    from .test_proxy import Relay, big_layer, fetch_all, push_image
+    upstream = server_factory(tmp_path / "upstream")
+    layer = big_layer(160 << 20)
+    push_image(upstream.url, "app", "v1", [layer])
+    d = digest_of(layer)
+    relay = Relay(upstream.port)
+    relay.rate = 40 << 20
+    try:
+        root = f"/cache-{uuid.uuid4().hex[:12]}"
+        env = {**s3_env(rgw, root), "REGISTRY_PROXY_REMOTEURL": relay.url}
+        first, second = (server_factory(tmp_path / f"unused-{i}", env=env) for i in range(2))
+        threading_started = ThreadPoolExecutor(1)
+        threading_started.submit(lambda: _quietly(fetch_all, f"{first.url}/v2/app/blobs/{d}", 1))
+        data = f"/docker/registry/v2/repositories/app/_uploads/fetch-sha256-{d[7:]}/data"
+
+        async def stored() -> int:  # a driver of its own each time: each asyncio.run is a new loop
+            driver = s3.S3Driver(bucket=rgw["S3_BUCKET"], regionendpoint=rgw["S3_ENDPOINT"],
+                                 accesskey=rgw["S3_ACCESS_KEY"], secretkey=rgw["S3_SECRET_KEY"],
+                                 rootdirectory=root)
+            try:
+                return (await driver.stat(data)).size
+            except PathNotFound:
+                return 0
+            finally:
+                await driver.close()
+        deadline = time.time() + 60
+        while asyncio.run(stored()) < 64 << 20 and time.time() < deadline:  # one round in the bucket
+            time.sleep(0.2)
+        first.stop(signal.SIGKILL)
+        threading_started.shutdown(wait=True)
+        relay.rate = None
+        assert fetch_all(f"{second.url}/v2/app/blobs/{d}", 1) == [(200, d, len(layer))]
+        gets = relay.blob_gets(d)
+        assert len(gets) == 2 and gets[0] is None and int(gets[1][6:-1]) >= 64 << 20, gets
+    finally:
+        relay.close()
+
+
+def _quietly(f, *args):
+    try:
+        f(*args)
+    except OSError:
+        pass  # its server was killed

@@ -42,6 +42,7 @@ from ..errors import (
     ManifestUnknown,
     NameUnknown,
     RegistryError,
+    TooManyRequests,
     UpstreamFailed,
 )
 from ..reference import TAG_RE, Digest, is_digest, parse_digest
@@ -59,6 +60,7 @@ STALLED = 2.0              # a reader that sees no progress this long tries to t
                            # (a try costs one lock attempt: Busy while the fetcher lives)
 GIVE_UP = 60.0             # and gives up after this long
 RETRIES = 5                # upstream failures in a row before a fetch stops (resumed by the next reader)
+JOIN_WAIT = 5.0             # a request joining a fetch waits this long for its opener to say the size
 TAG_PAGES = 100            # pages of an upstream's tags list followed at most
 SIZE_NAME = "size"         # the fetch session's object holding the blob's size, once the upstream said
 
@@ -250,9 +252,19 @@ class PullThrough:
         try:
             await self.driver.put_content(paths.upload_startedat(session.name, session.id), started,
                                           exclusive=True)
-        except AlreadyExists:
-            pass
-        await session.add_object(SIZE_NAME, str(size).encode())
+        except AlreadyExists:  # joined: its opener writes the size just after, without us
+            deadline = time.monotonic() + JOIN_WAIT
+            while time.monotonic() < deadline:
+                if await self._recorded_size(session) is not None:
+                    return
+                if not await self._session_there(session):
+                    raise BlobUploadUnknown({"upload": session.id})
+                await asyncio.sleep(self._poll(session))
+        try:  # the opener, or one that waited for a size that never came (its opener died)
+            await session.add_object(SIZE_NAME, str(size).encode())
+        except BlobUploadInvalid:  # its owner held on for LOCK_WAIT_SECONDS
+            raise TooManyRequests({"digest": str(session.id)}, "the blob is being fetched; retry",
+                                  headers={"Retry-After": "1"}) from None
 
     async def _recorded_size(self, session: UploadSession) -> int | None:
         try:
@@ -283,8 +295,12 @@ class PullThrough:
         task.add_done_callback(lambda _: self._fetches.pop(key, None))
 
     async def _fetcher(self, repo: Repository, d: Digest, session: UploadSession) -> None:
+        owner = f"{paths.upload_dir(repo.name, session.id)}/fetcher"
         try:
-            owner = await session.add_object("fetcher")
+            try:
+                await self.driver.stat(owner)
+            except PathNotFound:  # made by an owner of the session: never in one that ended
+                await session.add_object("fetcher")
             async with self.driver.lock(owner, 0):
                 if not await self._session_there(session):
                     return  # finished by the owner before us
