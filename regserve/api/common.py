@@ -12,6 +12,7 @@ from aiohttp import StreamReader, web
 from .. import metrics
 from ..config import Config
 from ..errors import BlobUploadInvalid, PaginationInvalid
+from ..proxy.cache import PullThrough
 from ..receiver import BadFraming, BodyReceiver
 from ..reference import Digest
 from ..registry import Registry, Repository
@@ -20,7 +21,7 @@ from ..registry.uploads import ChunkRange
 REGISTRY_KEY = web.AppKey("registry", Registry)
 BODY_KEY = web.RequestKey("body", object)  # the RequestBody being read, for the watchdog
 CONFIG_KEY = web.AppKey("config", Config)
-PROXY_KEY = web.AppKey("proxy", object)  # proxy.cache.PullThrough, in a pull-through cache
+PROXY_KEY = web.AppKey("proxy", PullThrough)  # in a pull-through cache
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 # Offsets of 19 digits and fewer (a signed 64-bit number, as distribution parses them)
 _CONTENT_RANGE_RE = re.compile(r"(?:bytes[= ])?(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?")

@@ -122,7 +122,7 @@ class PullThrough:
             except ManifestUnknown:
                 if isinstance(e, UpstreamDenied):
                     raise
-                raise UpstreamFailed({"reason": str(e)}) from None
+                raise _unreachable(e) from None
             metrics.proxied("manifest", "hit")
             return found
         if status == 404:
@@ -153,13 +153,11 @@ class PullThrough:
                 payload = await _read_at_most(r, MAX_MANIFEST_BYTES + 1)
                 content_type = r.headers.get("Content-Type")
                 named = r.headers.get("Docker-Content-Digest")
-        except UpstreamUnavailable as e:
-            raise UpstreamFailed({"reason": str(e)}) from None
+        except (UpstreamUnavailable, aiohttp.ClientError) as e:
+            raise _unreachable(e) from None
         except UpstreamDenied as e:
             log.warning("upstream: %s", e)
             raise ManifestUnknown({"reference": reference}) from None
-        except aiohttp.ClientError as e:
-            raise UpstreamFailed({"reason": f"{e.__class__.__name__}"}) from None
         metrics.upstream_bytes(len(payload))
         if d is None and named and is_digest(named):
             d = parse_digest(named)
@@ -240,7 +238,7 @@ class PullThrough:
                     raise BlobUnknown({"digest": str(d)})
                 raise UpstreamFailed({"status": r.status})
         except UpstreamUnavailable as e:
-            raise UpstreamFailed({"reason": str(e)}) from None
+            raise _unreachable(e) from None
         except UpstreamDenied as e:
             log.warning("upstream: %s", e)
             raise BlobUnknown({"digest": str(d)}) from None
@@ -471,6 +469,13 @@ def _open(path: str) -> int | None:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+
+
+def _unreachable(e: Exception) -> UpstreamFailed:
+    """What a client is told of an upstream failure: that it failed (the upstream's address and
+    the error's words go to the log only)."""
+    log.warning("upstream: %s", e)
+    return UpstreamFailed()
 
 
 def _next_page(link: str | None, name: str) -> str | None:

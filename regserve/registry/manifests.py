@@ -284,26 +284,22 @@ class Manifests:
         else:
             tag = check_tag(reference)
             expected = None
-        m = parse_manifest(payload, content_type, expected)
-        async with self.store.referencing(), self._owned():  # in this order, as garbage collection
-            await self._check_references(m)  # touches what it references
-            await self.store.put_small(m.digest, payload)
-            await self._link(m)
-            if tag is not None:
-                await self.tags.tag(tag, m.digest)
-        self.cache.put(m.digest, payload, m.media_type)
-        return m
+        return await self._store(parse_manifest(payload, content_type, expected), tag, check_references=True)
 
     async def keep(self, payload: bytes, content_type: str | None, d: Digest, tag: str | None) -> Manifest:
         """Store a manifest a pull-through cache fetched (its digest verified by the caller),
         and tag it: without the check that what it references is here, which comes when pulled."""
-        m = parse_manifest(payload, content_type, d)
-        async with self.store.referencing(), self._owned():
-            await self.store.put_small(m.digest, payload)
+        return await self._store(parse_manifest(payload, content_type, d), tag, check_references=False)
+
+    async def _store(self, m: Manifest, tag: str | None, check_references: bool) -> Manifest:
+        async with self.store.referencing(), self._owned():  # in this order, as garbage collection
+            if check_references:
+                await self._check_references(m)  # touches what it references
+            await self.store.put_small(m.digest, m.payload)
             await self._link(m)
             if tag is not None:
                 await self.tags.tag(tag, m.digest)
-        self.cache.put(m.digest, payload, m.media_type)
+        self.cache.put(m.digest, m.payload, m.media_type)
         return m
 
     @asynccontextmanager
