@@ -646,11 +646,11 @@ async def test_a_failed_part_is_never_published_as_a_segment_with_a_hole(rgw, in
 
 
 def test_a_pull_through_cache_on_s3_fetches_once_for_every_replica(rgw, server_factory, tmp_path):
-    """Two cache replicas on one bucket: 24 clients pulling one cold blob from both, at once,
+    """Two cache replicas on one bucket: 16 clients pulling one cold blob from both, at once,
     cause one upstream download, streamed to all of them as its rounds land in the bucket."""
     from .test_proxy import Relay, big_layer, fetch_all, push_image
     upstream = server_factory(tmp_path / "upstream")
-    layer = big_layer(192 << 20)
+    layer = big_layer(160 << 20)  # three rounds: two published segments and the last
     push_image(upstream.url, "team/base", "v1", [layer])
     d = digest_of(layer)
     relay = Relay(upstream.port)
@@ -658,9 +658,9 @@ def test_a_pull_through_cache_on_s3_fetches_once_for_every_replica(rgw, server_f
         env = {**s3_env(rgw, f"/cache-{uuid.uuid4().hex[:12]}"), "REGISTRY_PROXY_REMOTEURL": relay.url}
         caches = [server_factory(tmp_path / f"unused-{i}", env=env) for i in range(2)]
         with ThreadPoolExecutor(2) as pool:
-            results = [x for part in pool.map(lambda c: fetch_all(f"{c.url}/v2/team/base/blobs/{d}", 12), caches)
-                       for x in part]
-        assert results == [(200, d, len(layer))] * 24
+            results = [x for part in pool.map(lambda c: fetch_all(f"{c.url}/v2/team/base/blobs/{d}", 8, layer),
+                                              caches) for x in part]
+        assert results == [(200, d, len(layer))] * 16
         assert relay.blob_gets(d) == [None]
         # Kept in the bucket: a third replica serves it with no upstream at all.
         upstream.stop()
