@@ -540,7 +540,8 @@ async def test_two_deletions_of_one_tag_racing_delete_it_once(guarded):
 
 
 @pytest.mark.parametrize("setting", [{"REGISTRY_STORAGE_DELETE_ENABLED": "false"},
-                                     {"REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED": "true"}])
+                                     {"REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED": "true"},
+                                     {"REGISTRY_PROXY_REMOTEURL": "http://127.0.0.1:9"}])  # a cache: its upstream's
 async def test_no_delete_where_the_registry_allows_none(app_factory, aiohttp_client, setting):
     writable = await aiohttp_client(app_factory())
     await push_image(writable, "x", "v1", [b"layer"])

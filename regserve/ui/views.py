@@ -251,7 +251,8 @@ async def repository(request: web.Request, viewer: Viewer) -> web.Response:
                   tag_count=len(all_tags), tags=infos, children=children, query=query, page=number,
                   total=len(tags), pages=pages, host=pull_host(request),
                   shared=usage.shared(name) if usage else None,
-                  may_delete=viewer.may(name, "delete") and registry.delete_enabled and not registry.readonly,
+                  may_delete=viewer.may(name, "delete") and registry.delete_enabled and not registry.readonly
+                  and not registry.proxied,
                   deleted=request.query.get("deleted"), image_size=functools.partial(_image_size, inventory))
 
 
