@@ -384,7 +384,9 @@ class PullThrough:
                 available = (await driver.stat(session.data_path)).size
             except PathNotFound:
                 available = 0
-            if available <= position:
+            if available >= blob.size:  # all there: the rest is sent from the verified blob
+                await self._verified(blob)
+            if available <= position or available >= blob.size:
                 if await self._no_progress(blob, progress):
                     info = await self.registry.blob_store.stat(blob.digest)
                     async for chunk in self.registry.blob_store.reader(info, position, end - position):
@@ -407,9 +409,13 @@ class PullThrough:
         fd = _open(path)
         position, end = start, start + count
         progress = time.monotonic()
+        verified = False
         try:
             while position < end:
                 size = os.fstat(fd).st_size if fd is not None else 0
+                if size >= blob.size and not verified:  # all there: the rest goes once it is verified
+                    await self._verified(blob)
+                    verified = True
                 if size > position:
                     length = min(size, end) - position
                     yield fd, position, length  # type: ignore[misc]
@@ -428,6 +434,14 @@ class PullThrough:
         finally:
             if fd is not None:
                 os.close(fd)
+
+    async def _verified(self, blob: Growing) -> None:
+        """Wait until the fetched bytes are published under their digest: the last of them are
+        sent only then, so a blob that fails its digest never reaches a client whole (its
+        download is cut short, FetchFailed)."""
+        since = time.monotonic()
+        while not await self._no_progress(blob, since):
+            pass
 
     async def _no_progress(self, blob: Growing, since: float) -> bool:
         """Nothing new to read: True if the blob was published meanwhile. FetchFailed if the
