@@ -1,6 +1,6 @@
 """A pull-through cache under fan-out: N clients pulling one cold layer at once.
 
-    python -m benchmarks.proxy [--clients 32] [--size-mib 1024] [--rounds 3]
+    python -m benchmarks.proxy [--clients 32] [--size-mib 1024] [--rounds 3] [--work DIR] [--out FILE]
 
 One upstream (regserve, 2 workers, its metrics on) serves a layer of `--size-mib` random bytes.
 In front of it, each cache in turn, started on an empty directory for every round (cold): regserve
@@ -137,9 +137,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=HERE / "work" / "proxy", help="scratch directory")
+    ap.add_argument("--out", type=Path, default=HERE / "RESULTS-proxy.md")
     args = ap.parse_args()
     size = args.size_mib << 20
-    work = HERE / "work" / "proxy"
+    work = args.work
     shutil.rmtree(work, ignore_errors=True)
     upstream = Upstream(work / "upstream")
     upstream.workdir.mkdir(parents=True)
@@ -170,6 +172,7 @@ def main() -> None:
                       flush=True)
     finally:
         upstream.stop()
+        shutil.rmtree(work, ignore_errors=True)  # two copies of the layer, and the caches'
     write_results(results, args, version)
 
 
@@ -197,7 +200,7 @@ def write_results(results: dict[str, list[tuple[float, int, int]]], args: argpar
         ratio = statistics.median(r[0] for r in results["distribution"]) / \
             statistics.median(r[0] for r in results["regserve"])
         lines += ["", f"Distribution's time over regserve's (medians): {ratio:.2f}."]
-    (HERE / "RESULTS-proxy.md").write_text("\n".join(lines) + "\n")
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

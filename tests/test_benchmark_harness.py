@@ -1,6 +1,7 @@
 """The benchmark harness itself works (small sizes, regserve only): behaviour, not timings."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,17 @@ def test_results_name_the_commit_measured(tmp_path: Path):
     assert revision(tmp_path) == head
     (tmp_path / "f").write_text("b")
     assert revision(tmp_path) == head + "+changes"
+
+
+def test_the_pull_through_benchmark_counts_what_each_cache_fetched(tmp_path: Path):
+    from .conftest import require_tool
+    require_tool("docker-registry", "CNCF distribution 2.8.2 in proxy mode, the reference cache")
+    out = tmp_path / "RESULTS-proxy.md"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.proxy", "--clients", "3", "--size-mib", "8",
+                        "--rounds", "1", "--work", str(tmp_path / "work"), "--out", str(out)],
+                       cwd=CHECKOUT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    assert "| 1 (1) | 0.0 GiB" in rows["regserve"]  # one upstream GET, 8 MiB
+    assert "| 3 (3) |" in rows["distribution"] or "| 4 (4) |" in rows["distribution"]  # one per client
+    assert not (tmp_path / "work").exists()
