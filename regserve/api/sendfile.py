@@ -199,24 +199,14 @@ async def send_file(request: web.Request, response: web.StreamResponse, path: st
     http.sendfile setting: None chooses by the peer (see the module's docstring)."""
     file_fd = os.open(path, os.O_RDONLY)
     try:
-        response.content_length = count
-        await response.prepare(request)
-        try:
-            if request.method == "HEAD" or count == 0:
-                pass
-            elif count <= SMALL:
-                async with asyncio.timeout(write_timeout):
-                    await response.write(os.pread(file_fd, count, offset))
-            else:
-                await _send_large(request, file_fd, offset, count, use_sendfile, write_timeout)
-        except (OSError, TimeoutError) as err:
-            return hang_up(request, response, err)
-        await response.write_eof()
-        if request.method != "HEAD":
-            metrics.pulled(count)
-        return response
+        return await send_spans(request, response, _one((file_fd, offset, count)), count, use_sendfile,
+                                write_timeout)
     finally:
         os.close(file_fd)
+
+
+async def _one(span: tuple[int, int, int]) -> AsyncIterator[tuple[int, int, int]]:
+    yield span
 
 
 def hang_up(request: web.Request, response: web.StreamResponse, err: OSError) -> web.StreamResponse:
@@ -237,10 +227,10 @@ def hang_up(request: web.Request, response: web.StreamResponse, err: OSError) ->
 async def send_spans(request: web.Request, response: web.StreamResponse,
                      spans: AsyncIterator[tuple[int, int, int]], count: int, use_sendfile: bool | None,
                      write_timeout: float) -> web.StreamResponse:
-    """send_file() for a file that is still being written (a pull-through cache's fetch):
-    `spans` yields (descriptor, offset, length) as its bytes land, `count` in all. The first
-    span is had before the headers go out, so a failure before it is still an error answer;
-    one after them drops the connection."""
+    """Send `count` bytes as the response body, from `spans`: (descriptor, offset, length) each,
+    as they become available (one for a whole file; more for a pull-through cache's fetch, as
+    its bytes land). The first span is had before the headers go out, so a failure before it
+    is still an error answer; one after them drops the connection."""
     first = await anext(spans, None) if count and request.method != "HEAD" else None
     response.content_length = count
     await response.prepare(request)

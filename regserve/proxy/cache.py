@@ -8,8 +8,8 @@ object (`driver.lock`, without waiting) downloads; every request for the blob, t
 own included, streams the session's data as it grows, then the published blob. The download is
 hashed as it arrives (the upload pipeline's), written in rounds of ROUND_BYTES (each one
 visible to readers on every driver: on S3 a round is a published segment), and published only
-when its digest verifies; a mismatch removes the session, and readers still streaming it are cut
-off short of the length they announced, so their clients' own checks fail. A cut upstream
+when its digest verifies: the last bytes of every download wait for that, so a mismatch (which
+removes the session) reaches no client whole; each download is cut short. A cut upstream
 connection is resumed with a Range request from the bytes stored; a fetcher that dies (kill -9)
 lets go of `fetcher`, and the next reader that sees no progress takes over, from there.
 
@@ -21,7 +21,6 @@ cannot be reached the cached tag is served.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
 import re
@@ -246,16 +245,14 @@ class PullThrough:
     async def _open(self, session: UploadSession, size: int) -> None:
         """Open the fetch session, or join it: its size is the upstream's word, written by an
         owner of the session, so never into one that ended (BLOB_UPLOAD_UNKNOWN then)."""
-        started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ").encode()
         try:
-            await self.driver.put_content(paths.upload_startedat(session.name, session.id), started,
-                                          exclusive=True)
+            await session.uploads.create(session.id)
         except AlreadyExists:  # joined: its opener writes the size just after, without us
             deadline = time.monotonic() + JOIN_WAIT
             while time.monotonic() < deadline:
                 if await self._recorded_size(session) is not None:
                     return
-                if not await self._session_there(session):
+                if not await session.exists():
                     raise BlobUploadUnknown({"upload": session.id})
                 await asyncio.sleep(self._poll(session))
         try:  # the opener, or one that waited for a size that never came (its opener died)
@@ -265,17 +262,8 @@ class PullThrough:
                                   headers={"Retry-After": "1"}) from None
 
     async def _recorded_size(self, session: UploadSession) -> int | None:
-        try:
-            return int(await self.driver.get_content(f"{paths.upload_dir(session.name, session.id)}/{SIZE_NAME}"))
-        except (PathNotFound, ValueError):
-            return None
-
-    async def _session_there(self, session: UploadSession) -> bool:
-        try:
-            await self.driver.stat(paths.upload_startedat(session.name, session.id))
-            return True
-        except PathNotFound:
-            return False
+        recorded = await session.read_object(SIZE_NAME)
+        return int(recorded) if recorded is not None and recorded.isdigit() else None
 
     def _poll(self, session: UploadSession) -> float:
         """How often a reader looks for new bytes: a local file costs a stat, an object store a
@@ -293,14 +281,14 @@ class PullThrough:
         task.add_done_callback(lambda _: self._fetches.pop(key, None))
 
     async def _fetcher(self, repo: Repository, d: Digest, session: UploadSession) -> None:
-        owner = f"{paths.upload_dir(repo.name, session.id)}/fetcher"
+        owner = session.object_path("fetcher")
         try:
             try:
                 await self.driver.stat(owner)
             except PathNotFound:  # made by an owner of the session: never in one that ended
                 await session.add_object("fetcher")
             async with self.driver.lock(owner, 0):
-                if not await self._session_there(session):
+                if not await session.exists():
                     return  # finished by the owner before us
                 if await self.registry.blob_store.exists(d) and await repo.blobs.is_linked(d):
                     await session.cancel()  # a session opened late, for a blob published meanwhile
@@ -384,22 +372,24 @@ class PullThrough:
                 available = (await driver.stat(session.data_path)).size
             except PathNotFound:
                 available = 0
-            if available >= blob.size:  # all there: the rest is sent from the verified blob
+            if available >= blob.size:  # all there: the rest comes from the blob, once verified
                 await self._verified(blob)
-            if available <= position or available >= blob.size:
-                if await self._no_progress(blob, progress):
-                    info = await self.registry.blob_store.stat(blob.digest)
-                    async for chunk in self.registry.blob_store.reader(info, position, end - position):
+            elif available <= position:
+                if not await self._no_progress(blob, progress):
+                    continue
+            else:
+                try:
+                    async for chunk in driver.reader(session.data_path, position, min(available, end) - position):
+                        position += len(chunk)
                         yield chunk
-                    return
+                except PathNotFound:
+                    continue  # published just now: the blob has it
+                progress = time.monotonic()
                 continue
-            try:
-                async for chunk in driver.reader(session.data_path, position, min(available, end) - position):
-                    position += len(chunk)
-                    yield chunk
-            except PathNotFound:
-                continue  # published just now: the blob has it
-            progress = time.monotonic()
+            info = await self.registry.blob_store.stat(blob.digest)  # published
+            async for chunk in self.registry.blob_store.reader(info, position, end - position):
+                yield chunk
+            return
 
     async def _local_spans(self, blob: Growing, start: int, count: int,
                            path: str) -> AsyncIterator[tuple[int, int, int]]:
@@ -450,7 +440,7 @@ class PullThrough:
         store = self.registry.blob_store
         if await store.exists(blob.digest):
             return True
-        if not await self._session_there(blob.session):
+        if not await blob.session.exists():
             if await store.exists(blob.digest):  # published between the two looks
                 return True
             raise FetchFailed(f"the fetch of {blob.digest} ended without the blob")

@@ -402,11 +402,29 @@ class UploadSession:
                 raise BlobUploadInvalid({"upload": self.id}, "another request is writing to this upload") from None
             yield
 
+    async def exists(self) -> bool:
+        try:
+            await self.driver.stat(paths.upload_startedat(self.name, self.id))
+            return True
+        except PathNotFound:
+            return False
+
+    # A session's objects of a pull-through cache's fetch: the blob's size, and the object its
+    # downloader owns (`driver.lock`).
+
+    def object_path(self, name: str) -> str:
+        return f"{paths.upload_dir(self.name, self.id)}/{name}"
+
+    async def read_object(self, name: str) -> bytes | None:
+        try:
+            return await self.driver.get_content(self.object_path(name))
+        except PathNotFound:
+            return None
+
     async def add_object(self, name: str, data: bytes = b"") -> str:
         """An object `name` in the session's directory, created by an owner (so never after the
-        session ended: BLOB_UPLOAD_UNKNOWN then) unless it is there; its path. For a
-        pull-through cache's fetch: the blob's size, and the object its downloader owns."""
-        path = f"{paths.upload_dir(self.name, self.id)}/{name}"
+        session ended: BLOB_UPLOAD_UNKNOWN then) unless it is there; its path."""
+        path = self.object_path(name)
         async with self._owned():
             try:
                 await self.driver.put_content(path, data, exclusive=True)
@@ -553,11 +571,14 @@ class Uploads:
     def __init__(self, driver: StorageDriver, store: BlobStore, name: str) -> None:
         self.driver, self.store, self.name = driver, store, name
 
-    async def create(self) -> UploadSession:
-        """A new session: just `startedat` (no saved hash state means: start from zero)."""
-        upload_id = str(uuid.uuid4())
+    async def create(self, upload_id: str | None = None) -> UploadSession:
+        """A new session: just `startedat` (no saved hash state means: start from zero). With an
+        `upload_id` of the caller's (a pull-through cache's fetch), only if there is none by that
+        id yet: AlreadyExists otherwise, so of racing creators exactly one creates it."""
+        named, upload_id = upload_id is not None, upload_id or str(uuid.uuid4())
         started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        await self.driver.put_content(paths.upload_startedat(self.name, upload_id), started.encode())
+        await self.driver.put_content(paths.upload_startedat(self.name, upload_id), started.encode(),
+                                      exclusive=named)
         return UploadSession(self, upload_id)
 
     async def put_whole(self, digest: Digest, body: AsyncIterator[bytes], blobs: RepositoryBlobs) -> BlobInfo:
