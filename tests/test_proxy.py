@@ -610,3 +610,30 @@ def test_a_manifest_that_does_not_match_its_digest_is_refused_and_not_kept(serve
         not list((tmp_path / "cache/docker/registry/v2/repositories/app/_manifests").rglob("link"))
     r.corrupt_path = None
     assert get(f"{cache.url}/v2/app/manifests/v1")[2] == manifest
+
+
+async def test_a_storage_error_mid_fetch_is_taken_over_and_nothing_partial_is_published(
+        server_factory, tmp_path, aiohttp_client):
+    """EIO on a write of the fetch: the download stops, nothing is published, and the waiting
+    client's reader takes the fetch over from what was stored; the client gets the whole blob."""
+    import errno
+
+    from regserve.api.app import make_app, make_registry
+    from regserve.storage.filesystem import FilesystemDriver
+
+    from .conftest import make_config
+    from .faults import FaultyDriver
+    upstream = server_factory(tmp_path / "upstream")
+    layer = big_layer(24 << 20)
+    push_image(upstream.url, "app", "v1", [layer])
+    d = digest_of(layer)
+    (tmp_path / "cache").mkdir()
+    driver = FaultyDriver(FilesystemDriver(str(tmp_path / "cache")))
+    fault = driver.inject("writer.write", errno.EIO, "/_uploads/fetch-", skip=1)
+    config = make_config(tmp_path / "cache", REGISTRY_PROXY_REMOTEURL=upstream.url)
+    client = await aiohttp_client(make_app(config, make_registry(config, driver)))
+    r = await client.get(f"/v2/app/blobs/{d}")
+    assert r.status == 200 and await r.read() == layer
+    assert fault.times == 0  # the fault was met
+    published = tmp_path / f"cache/docker/registry/v2/blobs/sha256/{d[7:9]}/{d[7:]}/data"
+    assert digest_of(published.read_bytes()) == d
