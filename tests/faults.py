@@ -101,9 +101,9 @@ class FaultyDriver(StorageDriver):
         await self.acheck("create")
         return FaultyWriter(self, await self.inner.create(), "")
 
-    async def append(self, path: str) -> FileWriter:
+    async def append(self, path: str, readable: bool = False) -> FileWriter:
         await self.acheck("append", path)
-        return FaultyWriter(self, await self.inner.append(path), path)
+        return FaultyWriter(self, await self.inner.append(path, readable), path)
 
     async def move(self, source: str, dest: str) -> None:
         await self.acheck("move", f"{source} -> {dest}")

@@ -716,3 +716,209 @@ def _quietly(f, *args):
         f(*args)
     except OSError:
         pass  # its server was killed
+
+
+# -- one multipart upload across PATCHes (open segments) -------------------------------------
+
+P = 5 << 20  # the tests' part size (chunksize)
+
+
+async def _uploads_under(driver: Any) -> list[dict]:
+    client = await driver._s3()
+    r = await client.list_multipart_uploads(Bucket=driver.bucket, Prefix=driver.root + "/")
+    return r.get("Uploads", [])
+
+
+async def _append(driver: Any, data: bytes, path: str = "/up/data") -> None:
+    """One PATCH's worth: a writer that writes `data` and closes."""
+    writer = await driver.append(path)
+    await writer.write([data])
+    await writer.close()
+
+
+async def _open_record(driver: Any, path: str = "/up/data") -> tuple[str, str, dict]:
+    """The open segment's record key, its upload's key, and the record."""
+    key = driver._key(path)
+    (record_key,) = [k for _, _, k in await driver._segments(key) if "/.open/" in k]
+    offset, _, token = record_key.rpartition("/.open/")[2].split("-", 2)
+    return record_key, f"{key}/.seg/{offset}-{token}", await driver._record(record_key)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["copied", "received-in-place"])
+async def test_chunks_of_whole_parts_stay_one_multipart_upload_and_commit_without_a_copy(rgw, in_place):
+    """PATCHes that end on a part's end leave the multipart upload open for the next (any
+    replica: all it needs is in the bucket), so the commit completes it and makes one
+    CopyObject: no byte of the upload is copied again (RGW copies ranges byte by byte: 4.5 s
+    a GiB). A PATCH that ends mid-part seals it into a segment, holding every byte so far."""
+    driver = _driver(rgw, "open")
+    assembled: list[Any] = []
+
+    async def no_assembly(*args: Any) -> None:
+        assembled.append(args)
+        raise AssertionError("joined by a copy")
+    try:
+        await driver.put_content("/up/startedat", b"x")
+        blob = os.urandom(6 * P + 12345)
+        for start, end in ((0, 2 * P), (2 * P, 5 * P)):
+            writer = await driver.append("/up/data")
+            if in_place:
+                await _received_in_place(writer, blob[start:end])
+            else:
+                await writer.write([blob[start:end]])
+            await writer.close()
+            segments = await driver._segments(driver._key("/up/data"))
+            assert [(o, s) for o, s, _ in segments] == [(0, end)] and "/.open/" in segments[0][2]
+            assert (await driver.stat("/up/data")).size == end
+            assert len(await _uploads_under(driver)) == 1
+        _, _, record = await _open_record(driver)
+        assert len(record["etags"]) == 5 and record["part"] == P
+        await _append(driver, blob[5 * P:])  # ends mid-part: sealed, one segment of it all
+        segments = await driver._segments(driver._key("/up/data"))
+        assert [(o, s) for o, s, _ in segments] == [(0, len(blob))] and "/.seg/" in segments[0][2]
+        driver._assemble = no_assembly  # type: ignore[method-assign]
+        writer = await driver.append("/up/data")
+        await writer.commit("/blob", len(blob))
+        assert not assembled and await driver.get_content("/blob") == blob
+        assert await _uploads_under(driver) == []
+    finally:
+        await driver.close()
+
+
+async def test_an_open_segment_is_sealed_by_the_commit_and_by_a_readable_appender(rgw):
+    """The commit seals the open upload itself (CompleteMultipartUpload, then one copy); an
+    appender whose bytes others read as they grow (a pull-through fetch) seals what it finds
+    open and leaves nothing open behind it."""
+    driver = _driver(rgw, "seal")
+    try:
+        await driver.put_content("/up/startedat", b"x")
+        await driver.put_content("/pt/startedat", b"x")
+        blob = os.urandom(4 * P)
+        await _append(driver, blob[:2 * P])
+        writer = await driver.append("/up/data")
+        await writer.write([blob[2 * P:]])
+        await writer.commit("/blob", len(blob))
+        assert await driver.get_content("/blob") == blob and await _uploads_under(driver) == []
+
+        await _append(driver, blob[:2 * P], "/pt/data")  # a client's PATCH: left open
+        writer = await driver.append("/pt/data", readable=True)
+        assert all("/.seg/" in k for _, _, k in await driver._segments(driver._key("/pt/data")))
+        await writer.write([blob[2 * P:]])
+        await writer.close()
+        segments = await driver._segments(driver._key("/pt/data"))
+        assert [s for _, s, _ in segments] == [2 * P, 2 * P] and all("/.seg/" in k for _, _, k in segments)
+        assert b"".join([c async for c in driver.reader("/pt/data")]) == blob
+    finally:
+        await driver.close()
+
+
+async def test_a_part_resent_by_a_writer_that_lost_its_lease_fails_the_commit(rgw):
+    """A replica that stalled past its lease can still land a part in the open upload after
+    the next owner recorded it. Its completion lists the recorded ETags, so the commit fails
+    (500, the session unusable) rather than publish bytes nobody hashed."""
+    driver = _driver(rgw, "stale")
+    try:
+        await driver.put_content("/up/startedat", b"x")
+        blob = os.urandom(3 * P)
+        await _append(driver, blob[:2 * P])
+        _, target, record = await _open_record(driver)
+        client = await driver._s3()
+        await client.upload_part(Bucket=driver.bucket, Key=target, UploadId=record["upload"],
+                                 PartNumber=2, Body=os.urandom(P))  # the stale replica's bytes
+        writer = await driver.append("/up/data")
+        await writer.write([blob[2 * P:]])
+        with pytest.raises(s3.CommitMismatch):
+            await writer.commit("/blob", len(blob))
+        with pytest.raises(PathNotFound):
+            await driver.stat("/blob")
+    finally:
+        await driver.close()
+
+
+@pytest.mark.parametrize("then", ["read", "appended"])
+async def test_parts_a_killed_writer_never_recorded_are_cut_off(rgw, then):
+    """A writer killed mid-PATCH leaves parts past the record (RGW then refuses a completion
+    that does not list every part): the upload is still sealed at the recorded size, by the
+    owner's read (rebuilding a hash state) or by the next writer ending mid-part, and the
+    bytes that follow are the next writer's."""
+    driver = _driver(rgw, "orphans")
+    try:
+        await driver.put_content("/up/startedat", b"x")
+        blob = os.urandom(4 * P + 777)
+        await _append(driver, blob[:2 * P])
+        _, target, record = await _open_record(driver)
+        client = await driver._s3()
+        for number in (3, 4, 5):  # the killed writer's, never recorded
+            await client.upload_part(Bucket=driver.bucket, Key=target, UploadId=record["upload"],
+                                     PartNumber=number, Body=os.urandom(P))
+        assert (await driver.stat("/up/data")).size == 2 * P
+        if then == "read":
+            assert b"".join([c async for c in driver.reader("/up/data", P, P)]) == blob[P:2 * P]
+            await _append(driver, blob[2 * P:])
+        else:  # the client resends from the offset: part 3, then a short part 4; 5 is left over
+            await _append(driver, blob[2 * P:3 * P + 100])
+            await _append(driver, blob[3 * P + 100:])
+        writer = await driver.append("/up/data")
+        await writer.commit("/blob", len(blob))
+        assert await driver.get_content("/blob") == blob
+        assert await _uploads_under(driver) == []
+        assert [k async for k, _ in driver._listed(driver._private + "/tmp/")] == []
+    finally:
+        await driver.close()
+
+
+async def test_an_open_upload_lives_as_long_as_its_session(rgw):
+    """Purging temporaries aborts abandoned multipart uploads, but not an open segment's: a
+    client may pause between chunks for longer than that. Deleting the session aborts it."""
+    driver = _driver(rgw, "purge")
+    try:
+        await driver.put_content("/up/startedat", b"x")
+        blob = os.urandom(2 * P)
+        await _append(driver, blob)
+        client = await driver._s3()
+        await client.create_multipart_upload(Bucket=driver.bucket, Key=driver._key("/other"))  # abandoned
+        assert len(await _uploads_under(driver)) == 2
+        assert await driver.purge_temporaries(0) == 1
+        assert len(await _uploads_under(driver)) == 1
+        assert b"".join([c async for c in driver.reader("/up/data", 0, 10)]) == blob[:10]  # sealed by the read
+        await _append(driver, blob)  # open again, in a second segment
+        assert len(await _uploads_under(driver)) == 1
+        await driver.delete("/up")
+        assert await _uploads_under(driver) == []
+    finally:
+        await driver.close()
+
+
+def test_kill_9_mid_patch_with_an_open_upload_resumes_on_another_replica(rgw, server_factory, tmp_path):
+    """A replica killed mid-PATCH while the upload is open, parts of that PATCH already in
+    the bucket but not recorded: another replica reports the recorded offset, the client
+    resends from there in a shorter chunk (so one of the dead replica's parts outlives it),
+    and the blob comes out whole."""
+    env = s3_env(rgw, f"/crash-open-{uuid.uuid4().hex[:12]}")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = server_factory(tmp_path / "a", env=env)
+    blob = os.urandom(30 << 20)
+    status, headers, _ = http("POST", f"{first.url}/v2/big/blobs/uploads/")
+    assert status == 202
+    path = urlparse(headers["Location"]).path
+    status, _, body = http("PATCH", f"{first.url}{path}", blob[:10 << 20], {"Content-Range": f"0-{(10 << 20) - 1}"})
+    assert status == 202, body
+    u = urlparse(first.url)
+    s = socket.create_connection((u.hostname, u.port))
+    s.sendall(f"PATCH {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Length: {20 << 20}\r\n"
+              f"Content-Range: {10 << 20}-{(30 << 20) - 1}\r\n\r\n".encode())
+    s.sendall(blob[10 << 20:28 << 20])  # parts 3-5 go to S3; 3 MiB wait for the rest
+    time.sleep(1.5)
+    first.stop(signal.SIGKILL)
+    s.close()
+    second = server_factory(tmp_path / "b", env=env)
+    assert upload_offset(second.url, path) == 10 << 20
+    status, headers, body = http("PATCH", f"{second.url}{path}", blob[10 << 20:17 << 20],
+                                 {"Content-Range": f"{10 << 20}-{(17 << 20) - 1}"})
+    assert status == 202, body
+    digest = digest_of(blob)
+    status, _, body = http("PUT", f"{second.url}{path}?digest={digest}", blob[17 << 20:],
+                           {"Content-Range": f"{17 << 20}-{len(blob) - 1}"})
+    assert status == 201, body
+    status, _, got = http("GET", f"{second.url}/v2/big/blobs/{digest}")
+    assert status == 200 and got == blob

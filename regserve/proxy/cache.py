@@ -348,7 +348,7 @@ class PullThrough:
             position = offset
             while position < total:
                 body = _round(chunks, ROUND_BYTES)
-                position = await session.append(body, ChunkRange(position, total - 1))
+                position = await session.append(body, ChunkRange(position, total - 1), readable=True)
                 if body.ended:  # type: ignore[attr-defined]
                     break
             return total

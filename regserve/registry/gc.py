@@ -34,9 +34,9 @@ from typing import Any, Callable, Sequence
 from .. import metrics
 from ..errors import BlobUnknown, DamagedContent, ManifestUnknown, NameUnknown, RegistryError
 from ..reference import Digest, parse_digest
-from ..storage import PathNotFound, StorageDriver
+from ..storage import PathNotFound, StorageDriver, delete_if_there
 from . import paths
-from .registry import Registry, delete_if_there, digests_under, list_or_empty
+from .registry import Registry, digests_under, list_or_empty
 
 TEMPORARY_AGE = 3600.0  # the driver's temporaries untouched this long are debris
 DEFAULT_GRACE = 3600.0  # what was written or referenced this recently is never swept

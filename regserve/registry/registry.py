@@ -11,7 +11,7 @@ from typing import AsyncIterator
 
 from ..errors import ReadOnly, RegistryError, Unsupported
 from ..reference import COMPONENT, Digest, check_name, parse_digest
-from ..storage import AlreadyExists, Busy, PathNotFound, StorageDriver
+from ..storage import AlreadyExists, Busy, PathNotFound, StorageDriver, delete_if_there
 from . import paths
 from .blobs import BlobStore, RepositoryBlobs
 from .manifests import ManifestCache, Manifests, Tags
@@ -193,14 +193,6 @@ async def digests_under(driver: StorageDriver, base: str) -> list[Digest]:
             except RegistryError:
                 continue  # not a digest's directory: not ours to judge
     return out
-
-
-async def delete_if_there(driver: StorageDriver, path: str) -> None:
-    """Delete; what is gone already is what was wanted. Any other error propagates."""
-    try:
-        await driver.delete(path)
-    except PathNotFound:
-        pass
 
 
 async def ensure_exists(driver: StorageDriver, path: str) -> None:

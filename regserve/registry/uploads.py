@@ -39,7 +39,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
 from .. import hashstate
 from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, UploadRangeInvalid
 from ..reference import Digest
-from ..storage import AlreadyExists, Busy, FileWriter, PathNotFound, StorageDriver
+from ..storage import AlreadyExists, Busy, FileWriter, PathNotFound, StorageDriver, delete_if_there
 from ..uncancellable import to_the_end
 from . import paths
 from .blobs import BlobInfo, BlobStore, RepositoryBlobs
@@ -432,36 +432,43 @@ class UploadSession:
                 pass
         return path
 
-    async def _open(self) -> FileWriter:
-        """The session's data, for its owner to append to."""
+    async def _open(self, readable: bool = False) -> tuple[FileWriter, dict[str, list[int]]]:
+        """The session's data, for its owner to append to (`readable`: see StorageDriver.append),
+        and its saved hash states: asked at once, since on an object store each is round trips."""
+        opening = asyncio.ensure_future(self._open_data(readable))
         try:
-            return await self.driver.append(self.data_path)
+            saved = await self._saved_states()
+        except BaseException:
+            writer = (await asyncio.gather(opening, return_exceptions=True))[0]
+            if isinstance(writer, FileWriter):
+                await writer.close()
+            raise
+        return await opening, saved
+
+    async def _open_data(self, readable: bool) -> FileWriter:
+        try:
+            return await self.driver.append(self.data_path, readable)
         except PathNotFound:  # the owner removed it just now: cannot happen while we own it
             raise BlobUploadUnknown({"upload": self.id}) from None
 
     # -- hash state -------------------------------------------------------------------------
 
-    async def _algorithms(self) -> list[str]:
-        try:
-            found = [p.rsplit("/", 1)[1] for p in await self.driver.list(
-                f"{paths.upload_dir(self.name, self.id)}/hashstates")]
-        except PathNotFound:
-            found = []
-        return sorted(a for a in found if a in ("sha256", "sha512")) or ["sha256"]
+    async def _saved_states(self) -> dict[str, list[int]]:
+        """The offsets of the saved hash states, by algorithm: sha256 alone where none were
+        saved. One listing round: on an object store, each listing is a round trip of a
+        chunked push's every PATCH."""
+        dirs = {a: paths.upload_hashstates(self.name, self.id, a) for a in ("sha256", "sha512")}
+        listed = await self.driver.list_many(list(dirs.values()))
+        saved = {a: sorted(int(p.rsplit("/", 1)[1]) for p in entries if p.rsplit("/", 1)[1].isdigit())
+                 for a, entries in ((a, listed[d]) for a, d in dirs.items()) if entries is not None}
+        return saved or {"sha256": []}
 
-    async def _saved_states(self, algorithm: str) -> list[int]:
-        try:
-            entries = await self.driver.list(paths.upload_hashstates(self.name, self.id, algorithm))
-        except PathNotFound:
-            return []
-        return sorted(int(p.rsplit("/", 1)[1]) for p in entries if p.rsplit("/", 1)[1].isdigit())
-
-    async def _resume_hashers(self, size: int) -> list[hashstate.Hasher]:
+    async def _resume_hashers(self, size: int, saved: dict[str, list[int]]) -> list[hashstate.Hasher]:
         """Hashers positioned at `size`: from the newest usable saved state, then the gap."""
         hashers = []
-        for algorithm in await self._algorithms():
+        for algorithm, offsets in sorted(saved.items()):
             hasher = hashstate.Hasher(algorithm)
-            for offset in reversed(await self._saved_states(algorithm)):
+            for offset in reversed(offsets):
                 if offset > size or not hasher.resumable:
                     continue
                 try:
@@ -482,55 +489,56 @@ class UploadSession:
         async for chunk in self.driver.reader(self.data_path, start, end - start, 8 << 20):
             await loop.run_in_executor(_hash_pool, hasher.update, chunk)
 
-    async def _save_states(self, hashers: list[hashstate.Hasher]) -> None:
+    async def _save_states(self, hashers: list[hashstate.Hasher], saved: dict[str, list[int]]) -> None:
+        """Save each hasher's state, then remove the older ones. `saved` is what the owner
+        listed when it began and has saved since (no one else saves meanwhile), kept up to date."""
         for h in hashers:
             if not h.resumable:
                 continue
             base = paths.upload_hashstates(self.name, self.id, h.algorithm)
-            old = await self._saved_states(h.algorithm)
             # Not fsynced: a state lost in a crash is detected on restore and the gap re-hashed.
             await self.driver.put_content(f"{base}/{h.length}", h.save(), durable=False)
-            for offset in old:
-                if offset != h.length:
-                    try:
-                        await self.driver.delete(f"{base}/{offset}")
-                    except PathNotFound:
-                        pass
+            old = [o for o in saved.get(h.algorithm, ()) if o != h.length]
+            saved[h.algorithm] = [h.length]
+            await asyncio.gather(*(delete_if_there(self.driver, f"{base}/{o}") for o in old))
 
     # -- data -------------------------------------------------------------------------------
 
-    async def _positioned(self, writer: FileWriter, chunk: ChunkRange | None) -> list[hashstate.Hasher]:
+    async def _positioned(self, writer: FileWriter, chunk: ChunkRange | None,
+                          saved: dict[str, list[int]]) -> list[hashstate.Hasher]:
         """Check that a chunk continues the upload, and bring the hashers to its end."""
         if chunk is not None and chunk.start != writer.size:
             raise UploadRangeInvalid(writer.size, {"expected_start": writer.size,
                                                    "content_range_start": chunk.start})
-        return await self._resume_hashers(writer.size)
+        return await self._resume_hashers(writer.size, saved)
 
-    async def append(self, body: AsyncIterator[bytes], chunk: ChunkRange | None = None) -> int:
+    async def append(self, body: AsyncIterator[bytes], chunk: ChunkRange | None = None,
+                     readable: bool = False) -> int:
         """Stream a request body onto the session; returns the new size. Whatever arrives before
-        a disconnect is kept (and its hash state saved), so the client can resume from there."""
+        a disconnect is kept (and its hash state saved), so the client can resume from there.
+        `readable`: others read the data as it grows (StorageDriver.append)."""
         async with self._owned():
-            writer = await self._open()
+            writer, saved = await self._open(readable)
             try:
-                hashers = await self._positioned(writer, chunk)
-                await self._stream(writer, hashers, body)
+                hashers = await self._positioned(writer, chunk, saved)
+                await self._stream(writer, hashers, body, saved)
                 return writer.size
             finally:
                 await writer.close()
 
     async def _stream(self, writer: FileWriter, hashers: list[hashstate.Hasher],
-                      body: AsyncIterator[bytes]) -> None:
-        await stream_into(writer, hashers, body, lambda: self._save_states(hashers))
+                      body: AsyncIterator[bytes], saved: dict[str, list[int]]) -> None:
+        await stream_into(writer, hashers, body, lambda: self._save_states(hashers, saved))
 
     async def finish(self, digest: Digest, body: AsyncIterator[bytes] | None,
                      chunk: ChunkRange | None, blobs: RepositoryBlobs) -> BlobInfo:
         """Append an optional last chunk, verify the digest and commit the blob atomically."""
         async with self._owned():
-            writer = await self._open()
+            writer, saved = await self._open()
             try:
-                hashers = await self._positioned(writer, chunk)
+                hashers = await self._positioned(writer, chunk, saved)
                 if body is not None:
-                    await self._stream(writer, hashers, body)
+                    await self._stream(writer, hashers, body, saved)
                 size = writer.size
                 actual = await self._digest_of(hashers, digest.algorithm, size)
                 if actual != digest.hex:

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import AlreadyExists, Busy, CommitMismatch, FileInfo, FileWriter, PathNotFound, StorageDriver, check_path
+from .base import (
+    AlreadyExists,
+    Busy,
+    CommitMismatch,
+    FileInfo,
+    FileWriter,
+    PathNotFound,
+    StorageDriver,
+    check_path,
+    delete_if_there,
+)
 
 __all__ = ["AlreadyExists", "Busy", "CommitMismatch", "FileInfo", "FileWriter", "PathNotFound",
-           "StorageDriver", "check_path", "create_driver"]
+           "StorageDriver", "check_path", "create_driver", "delete_if_there"]
 
 
 def create_driver(kind: str, params: dict[str, Any]) -> StorageDriver:

@@ -54,6 +54,14 @@ class CommitMismatch(Exception):
     object than the one written (it was replaced or appended to meanwhile). Nothing was published."""
 
 
+async def delete_if_there(driver: "StorageDriver", path: str) -> None:
+    """Delete; what is gone already is what was wanted. Any other error propagates."""
+    try:
+        await driver.delete(path)
+    except PathNotFound:
+        pass
+
+
 def check_path(path: str) -> str:
     """A path by the contract's rules, or ValueError. Drivers call it on every path they get."""
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
@@ -216,10 +224,15 @@ class StorageDriver(abc.ABC):
         `commit` publishes it."""
 
     @abc.abstractmethod
-    async def append(self, path: str) -> FileWriter:
+    async def append(self, path: str, readable: bool = False) -> FileWriter:
         """A writer that continues the object at `path` from its size (an empty object if there
         is none yet, PathNotFound if its parent prefix is gone). The caller must own `path`'s
-        session through `lock`: the driver does not stop two appenders."""
+        session through `lock`: the driver does not stop two appenders. What a writer appended
+        is durable once it is closed, and readable (`reader`) by its session's owner; `readable`
+        asks for it to be cheap to read by anyone at once, while the next appender goes on (a
+        pull-through fetch read by its followers): an object store may otherwise keep an
+        upload's recent bytes where only the next appender, the commit, or a read by the owner
+        turns them into an object."""
 
     @abc.abstractmethod
     async def move(self, source: str, dest: str) -> None:

@@ -78,9 +78,9 @@ class CheckedDriver(StorageDriver):
         with self._t("create"):
             return _Writer(self.name, await self.inner.create())
 
-    async def append(self, path: str) -> FileWriter:
+    async def append(self, path: str, readable: bool = False) -> FileWriter:
         with self._t("append"):
-            return _Writer(self.name, await self.inner.append(check_path(path)))
+            return _Writer(self.name, await self.inner.append(check_path(path), readable))
 
     async def move(self, source: str, dest: str) -> None:
         with self._t("move"):

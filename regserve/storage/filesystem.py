@@ -511,7 +511,7 @@ class FilesystemDriver(StorageDriver):
         path = self._temp_name()
         return FilesystemWriter(self, path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), True)
 
-    async def append(self, path: str) -> FileWriter:
+    async def append(self, path: str, readable: bool = False) -> FileWriter:
         full = self._full(path)
         try:
             fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

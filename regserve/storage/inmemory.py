@@ -138,7 +138,7 @@ class InMemoryDriver(StorageDriver):
         obj = self._temps[key] = _Object()
         return InMemoryWriter(self, key, obj, True)
 
-    async def append(self, path: str) -> FileWriter:
+    async def append(self, path: str, readable: bool = False) -> FileWriter:
         check_path(path)
         parent = path.rsplit("/", 1)[0]
         obj = self._objects.get(path)

@@ -4,14 +4,23 @@ the same keys.
 
 How the contract maps onto an object store:
 
-* An appended object (an upload's data) is a series of **segments**, one per writer, at
-  `<key>/.seg/<offset, 20 digits>-<writer>`; its size is their sum (two writers appending at
+* An appended object (an upload's data) is a series of **segments** at
+  `<key>/.seg/<offset, 20 digits>-<token>`; its size is their sum (two writers appending at
   once, which the caller's lock forbids, show as two segments at one offset: no commit then).
   A writer streams its segment as a multipart upload (its body bytes within a budget, PART_SIZE
-  doubling every 1,000 parts so that 10,000 reach far past 5 TiB) and publishes it when it
-  closes, so a client cut off loses only what was not in a closed segment, and the size says
-  so. `commit` publishes the segments as one object with a multipart upload of server-side part
-  copies (segments under S3's 5 MiB part minimum are read and sent again together).
+  doubling every 1,000 parts so that 10,000 reach far past 5 TiB), so a client cut off loses
+  only what was not in a closed segment, and the size says so.
+* A writer that closes on a part's end leaves its multipart upload **open**: a record
+  `<key>/.open/<offset>-<size>-<token>` (each 20 digits) lists its parts' ETags, and the next
+  writer (another PATCH, on any replica) goes on in the same upload. So an upload pushed in
+  chunks that are whole parts (64 MiB, say) stays one multipart upload, and its commit is one
+  CompleteMultipartUpload and one CopyObject, where joining segments copies every byte again
+  (RGW: 4.5 s a GiB). The completion lists the recorded ETags: a part re-sent since by a writer
+  that lost its lease fails it (InvalidPart), so a wrong blob is never published. A writer
+  that ends mid-part, a read by the owner (hash state rebuilt after a crash), a `readable`
+  appender or the commit **seal** the upload into a segment object.
+* `commit` publishes one segment with a server-side copy, several with a multipart upload of
+  server-side part copies (segments under S3's 5 MiB part minimum are read and sent again).
 * `create` is a private object under `<root>/.regserve/tmp/`; a commit of less than a part is a
   single PUT straight to its name, else a server-side copy.
 * Ownership (`lock`) is a lease object under `<root>/.regserve/locks/`, created with
@@ -198,6 +207,8 @@ class S3Driver(StorageDriver):
         for start, size, k in pieces:  # an upload's data, read across its segments
             lo, hi = max(offset, start), min(end, start + size)
             if lo < hi:
+                if "/.open/" in k:
+                    k = await self._seal(k)
                 async for chunk in self._read_range(path, k, lo - start, hi - lo, chunk_size):
                     yield chunk
 
@@ -246,11 +257,90 @@ class S3Driver(StorageDriver):
                 yield entry["Prefix"], {}
 
     async def _segments(self, key: str) -> list[tuple[int, int, str]]:
-        """(offset, size, key) of an appended object's segments, in order."""
-        out = []
-        async for k, entry in self._listed(key + "/.seg/"):
-            out.append((int(k.rsplit("/", 1)[1].split("-", 1)[0]), int(entry["Size"]), k))
-        return sorted(out)
+        """(offset, size, key) of an appended object's segments, in order: a segment object's
+        key, or for an open one (see the module's docstring) its newest record's. A record that
+        a newer one of its upload replaced is left over from a crash between two steps. So is
+        one of a sealed segment, or it says how much of the object is the segment: what parts
+        a killed writer never recorded added is not."""
+        sealed: dict[str, tuple[int, int, str]] = {}
+        records: dict[str, tuple[int, int, str]] = {}
+        async for k, entry in self._listed(key + "/."):
+            kind, _, name = k[len(key) + 2:].partition("/")
+            if kind == "seg":
+                offset, _, token = name.partition("-")
+                sealed[token] = (int(offset), int(entry["Size"]), k)
+            elif kind == "open":
+                offset, size, token = name.split("-", 2)
+                if token not in records or int(size) > records[token][1]:
+                    records[token] = (int(offset), int(size), k)
+        for token, (offset, size, k) in sealed.items():
+            if token in records:
+                sealed[token] = (offset, min(size, records.pop(token)[1]), k)
+        return sorted([*sealed.values(), *records.values()])
+
+    async def _record(self, record_key: str) -> dict:
+        """An open segment's record: its multipart upload, part size and parts' ETags."""
+        return json.loads(await self._read_key(record_key))
+
+    async def _seal(self, record_key: str) -> str:
+        """Complete an open segment's multipart upload with the parts its record lists, and
+        forget its records; the segment object's key."""
+        key, _, name = record_key.rpartition("/.open/")
+        offset, size, token = name.split("-", 2)
+        target = f"{key}/.seg/{offset}-{token}"
+        try:
+            record = await self._record(record_key)
+        except ClientError as e:
+            if not _missing(e) or await self._head(target) is None:
+                raise
+            return target  # sealed just now by another
+        parts = [{"PartNumber": i + 1, "ETag": etag} for i, etag in enumerate(record["etags"])]
+        if await self._complete(target, record["upload"], parts, int(size)):
+            await self._drop_records(key, token)  # else they say how much of it is the segment
+        return target
+
+    async def _complete(self, target: str, upload: str, parts: list[dict], size: int) -> bool:
+        """Complete an upload that several writers added parts to, whose first `size` bytes are
+        `parts`: their ETags the stored parts must still have (CommitMismatch if one was re-sent
+        since: a writer that lost its lease). Whether the object is exactly those bytes: parts
+        stored past them (a writer killed before it recorded them) go in too, since RGW refuses
+        a completion that leaves any out, and the caller keeps a record of the true length."""
+        s3 = await self._s3()
+        try:
+            stored = [p async for page in s3.get_paginator("list_parts").paginate(
+                Bucket=self.bucket, Key=target, UploadId=upload) for p in page.get("Parts", ())]
+        except ClientError as e:
+            head = await self._head(target) if _missing(e) else None
+            if head is None:
+                raise
+            return int(head["ContentLength"]) == size  # completed just now by another
+        mine = {p["PartNumber"]: p["ETag"].strip('"') for p in parts}
+        have = {p["PartNumber"]: p["ETag"].strip('"') for p in stored}
+        if any(have.get(n) != etag for n, etag in mine.items()):
+            raise CommitMismatch(f"{target}: a part of its upload changed after it was recorded")
+        listed = parts if len(have) == len(mine) else [
+            {"PartNumber": n, "ETag": p["ETag"]} for n, p in sorted((p["PartNumber"], p) for p in stored)]
+        try:
+            await s3.complete_multipart_upload(Bucket=self.bucket, Key=target, UploadId=upload,
+                                               MultipartUpload={"Parts": listed})
+        except ClientError as e:
+            if _code(e) == "InvalidPart":
+                raise CommitMismatch(f"{target}: a part of its upload changed while it was completed") from None
+            raise
+        return listed is parts
+
+    async def _past_record(self, target: str, record: dict) -> bool:
+        """Whether an open segment's upload holds parts its record does not list."""
+        s3 = await self._s3()
+        r = await s3.list_parts(Bucket=self.bucket, Key=target, UploadId=record["upload"],
+                                PartNumberMarker=len(record["etags"]), MaxParts=1)
+        return bool(r.get("Parts"))
+
+    async def _records_of(self, key: str, token: str) -> list[str]:
+        return [k async for k, _ in self._listed(key + "/.open/") if k.endswith("-" + token)]
+
+    async def _drop_records(self, key: str, token: str) -> None:
+        await self._delete_keys(await self._records_of(key, token))
 
     async def stat(self, path: str) -> FileInfo:
         key = self._key(path)
@@ -305,7 +395,7 @@ class S3Driver(StorageDriver):
         key = f"{self._private}/tmp/{uuid.uuid4().hex}"
         return S3Writer(self, key, key, 0, [], private=True, session=None)
 
-    async def append(self, path: str) -> FileWriter:
+    async def append(self, path: str, readable: bool = False) -> FileWriter:
         key = self._key(path)
         parent = path.rstrip("/").rsplit("/", 1)[0]
         if await self._head(key) is not None:  # a whole object: not an upload's
@@ -316,9 +406,22 @@ class S3Driver(StorageDriver):
                 await self.stat(parent)
             except PathNotFound:
                 raise PathNotFound(path) from None
+        for i, (offset, size, k) in enumerate(segments):  # only the last may stay open
+            if "/.open/" in k and (i < len(segments) - 1 or readable):
+                segments[i] = (offset, size, await self._seal(k))
         size = sum(s for _, s, _ in segments)
-        return S3Writer(self, key, f"{key}/.seg/{size:020d}-{uuid.uuid4().hex}", size, segments,
-                        private=False, session=parent or None)
+        writer = S3Writer(self, key, f"{key}/.seg/{size:020d}-{uuid.uuid4().hex}", size, segments,
+                          private=False, session=parent or None, readable=readable)
+        if segments and "/.open/" in segments[-1][2]:
+            record = await self._record(segments[-1][2])
+            if len(record["etags"]) < PARTS_PER_SEGMENT and not await self._past_record(
+                    writer.open_target(segments[-1][2]), record):
+                writer.go_on(segments[-1], record)
+            else:  # full, or a writer was killed in it: sealed, and the writer starts a segment
+                writer = S3Writer(self, key, writer._target, size,
+                                  [*segments[:-1], (*segments[-1][:2], await self._seal(segments[-1][2]))],
+                                  private=False, session=parent or None, readable=readable)
+        return writer
 
     async def _copy(self, source: str, dest: str, size: int) -> None:
         """A server-side copy: one request up to 5 GiB, else a multipart copy in parallel."""
@@ -408,11 +511,25 @@ class S3Driver(StorageDriver):
 
     async def delete(self, path: str) -> None:
         key = self._key(path)
-        keys = [k async for k, _ in self._listed(self._prefix(path))]
-        if key and await self._head(key) is not None:
+
+        async def below() -> list[str]:
+            return [k async for k, _ in self._listed(self._prefix(path))]
+        keys, head = await asyncio.gather(below(), self._head(key) if key else asyncio.sleep(0))
+        if head is not None:
             keys.append(key)
         if not keys:
             raise PathNotFound(path)
+        for k in keys:  # an open segment's upload goes with it (else with purge_temporaries)
+            if "/.open/" in k:
+                try:
+                    record = await self._record(k)
+                except ClientError as e:
+                    if not _missing(e):
+                        raise
+                    continue
+                key_of, _, name = k.rpartition("/.open/")
+                offset, _, token = name.split("-", 2)
+                await self._abort(f"{key_of}/.seg/{offset}-{token}", record["upload"])
         await self._delete_keys(keys)
 
     async def touch(self, path: str) -> None:
@@ -542,10 +659,16 @@ class S3Driver(StorageDriver):
         args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.root + "/" if self.root else ""}
         async for page in s3.get_paginator("list_multipart_uploads").paginate(**args):
             for u in page.get("Uploads", ()):
-                if u["Initiated"].timestamp() < cutoff:
+                if u["Initiated"].timestamp() < cutoff and not await self._recorded(u["Key"]):
                     await self._abort(u["Key"], u["UploadId"])
                     removed += 1
         return removed
+
+    async def _recorded(self, upload_key: str) -> bool:
+        """Whether a multipart upload is an open segment's, which lives as long as its upload
+        session (purged with it): its age says nothing about a client pausing between chunks."""
+        key, sep, name = upload_key.rpartition("/.seg/")
+        return bool(sep) and bool(await self._records_of(key, name.partition("-")[2]))
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -578,10 +701,12 @@ class S3Writer(FileWriter):
     final object reach far past 5 TiB)."""
 
     def __init__(self, driver: S3Driver, key: str, target: str, start: int,
-                 segments: list[tuple[int, int, str]], private: bool, session: str | None) -> None:
+                 segments: list[tuple[int, int, str]], private: bool, session: str | None,
+                 readable: bool = False) -> None:
         super().__init__()
         self._driver, self._key, self._target, self._session = driver, key, target, session
-        self._segments, self._private = list(segments), private
+        self._segments, self._private, self._readable = list(segments), private, readable
+        self._record: str | None = None  # the open segment's record this writer goes on from
         self._start = start
         self.size = start
         self._buffer: bytearray | None = None  # the part being filled, and its bytes so far
@@ -601,6 +726,21 @@ class S3Writer(FileWriter):
         self._held = 0          # budget this writer holds
         self._unsent = 0        # admitted bytes S3 does not have yet
         self._error: BaseException | None = None
+
+    def open_target(self, record_key: str) -> str:
+        """The key an open segment's multipart upload completes to."""
+        offset, _, token = record_key.rpartition("/.open/")[2].split("-", 2)
+        return f"{self._key}/.seg/{offset}-{token}"
+
+    def go_on(self, segment: tuple[int, int, str], record: dict) -> None:
+        """Write on in the open segment (the last of `segments`) that `record` describes."""
+        offset, _, self._record = segment
+        assert self._segments[-1] == segment and self.size == offset + len(record["etags"]) * record["part"]
+        self._segments.pop()
+        self._start, self._part_size, self._upload = offset, record["part"], record["upload"]
+        self._target = self.open_target(self._record)
+        self._parts = [{"PartNumber": i + 1, "ETag": etag} for i, etag in enumerate(record["etags"])]
+        self._numbered = len(self._parts)
 
     def ready_now(self) -> bool:
         return self._unsent < self._held
@@ -794,10 +934,35 @@ class S3Writer(FileWriter):
                 await self._send(self._take_partial())
             await self._settle()
             parts = sorted(self._parts, key=lambda p: p["PartNumber"])
-            await s3.complete_multipart_upload(Bucket=self._driver.bucket, Key=self._target,
-                                               UploadId=self._upload, MultipartUpload={"Parts": parts})
+            if self._record is None:  # this writer's own upload: no one else added to it
+                await s3.complete_multipart_upload(Bucket=self._driver.bucket, Key=self._target,
+                                                   UploadId=self._upload, MultipartUpload={"Parts": parts})
+            elif await self._driver._complete(self._target, self._upload, parts, self.size - self._start):
+                await self._driver._drop_records(self._key, self._target.rsplit("-", 1)[1])
+                self._record = None
+            else:  # parts came from elsewhere (a writer that lost its lease): the record's size
+                raise CommitMismatch(f"{self._key}: another writer added to its upload")  # stands
             self._upload, self._parts, self._numbered = None, [], 0
         self._release_slack()
+
+    async def _leave_open(self) -> None:
+        """Record the segment's multipart upload, all of whose parts are whole and in, for the
+        next writer to go on in (see the module's docstring)."""
+        await self._settle()
+        parts = sorted(self._parts, key=lambda p: p["PartNumber"])
+        if [p["PartNumber"] for p in parts] != list(range(1, len(parts) + 1)) \
+                or self.size - self._start != len(parts) * self._part_size:
+            raise RuntimeError(f"{self._key}: the parts of an open segment do not add up")
+        token = self._target.rsplit("-", 1)[1]
+        record = f"{self._key}/.open/{self._start:020d}-{self.size:020d}-{token}"
+        if record == self._record:
+            return  # nothing new
+        body = json.dumps({"upload": self._upload, "part": self._part_size,
+                           "etags": [p["ETag"] for p in parts]}).encode()
+        await (await self._driver._s3()).put_object(Bucket=self._driver.bucket, Key=record, Body=body)
+        if self._record is not None:
+            await self._driver._delete_keys([self._record])
+        self._record = record
 
     def _release_all(self) -> None:
         """The writer is done: whatever it holds goes back (parts still in flight give none),
@@ -859,19 +1024,22 @@ class S3Writer(FileWriter):
             self._done = True
             return
         try:
-            finished = await self._finish()  # our segment first
+            finished = await self._finish(seal=True)  # our segment first
         finally:
             self._release_all()
         if not finished:
             raise CommitMismatch(f"{self._key}: its upload was removed while being written")
         segments = await driver._segments(self._key)
+        if any("/.open/" in k for _, _, k in segments):
+            raise CommitMismatch(f"{self._key} was appended to while being committed")
         mine = self._segments + ([(self._start, self.size - self._start, self._target)]
                                  if self.size > self._start else [])
         if [(o, s) for o, s, _ in segments] != [(o, s) for o, s, _ in mine] or await driver._head(self._key):
             raise CommitMismatch(f"{self._key} was appended to, replaced or removed while being written")
         if self.size != size:
             raise CommitMismatch(f"holds {self.size} bytes, {size} were verified")
-        if len(segments) == 1:
+        head = await driver._head(segments[0][2]) if len(segments) == 1 else None
+        if head is not None and int(head["ContentLength"]) == size:
             await driver._copy(segments[0][2], dest_key, size)
         else:
             await driver._assemble(dest_key, segments, driver._assembly_part)
@@ -884,9 +1052,9 @@ class S3Writer(FileWriter):
         await asyncio.gather(*self._inflight, return_exceptions=True)
         self._inflight = set()
         self._release_all()
-        if self._upload is not None:
-            await self._driver._abort(self._target, self._upload)
-            self._upload = None
+        if self._upload is not None and self._record is None:  # a recorded one keeps its parts:
+            await self._driver._abort(self._target, self._upload)  # the client resends from there
+        self._upload = None
 
     async def close(self) -> None:
         try:
@@ -894,8 +1062,10 @@ class S3Writer(FileWriter):
         finally:
             self._release_all()
 
-    async def _finish(self) -> bool:
-        """Publish what was written (False: an appended object's upload is gone; nothing was)."""
+    async def _finish(self, seal: bool = False) -> bool:
+        """Publish what was written (False: an appended object's upload is gone; nothing was):
+        an appended object's segment is left open where it ends on a part's end (and `seal`
+        does not ask for an object), else sealed."""
         if self._done:
             return True
         self._done = True
@@ -910,7 +1080,10 @@ class S3Writer(FileWriter):
         if not await self._keepable():
             return False
         if self.size > self._start:
-            await self._publish()  # the segment becomes part of the object
+            if seal or self._readable or self._filled or self._upload is None:
+                await self._publish()  # the segment becomes part of the object
+            else:
+                await self._leave_open()
         return True
 
     async def _keepable(self) -> bool:
