@@ -496,11 +496,13 @@ class UploadSession:
             if not h.resumable:
                 continue
             base = paths.upload_hashstates(self.name, self.id, h.algorithm)
-            # Not fsynced: a state lost in a crash is detected on restore and the gap re-hashed.
-            await self.driver.put_content(f"{base}/{h.length}", h.save(), durable=False)
             old = [o for o in saved.get(h.algorithm, ()) if o != h.length]
             saved[h.algorithm] = [h.length]
-            await asyncio.gather(*(delete_if_there(self.driver, f"{base}/{o}") for o in old))
+            # At once (on an object store, each is round trips of every PATCH): whatever of it a
+            # crash undoes, restoring finds the newest state not past the data, or none, and
+            # hashes the gap from the data. Not fsynced, for the same reason.
+            await asyncio.gather(self.driver.put_content(f"{base}/{h.length}", h.save(), durable=False),
+                                 *(delete_if_there(self.driver, f"{base}/{o}") for o in old))
 
     # -- data -------------------------------------------------------------------------------
 

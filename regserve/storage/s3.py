@@ -344,10 +344,9 @@ class S3Driver(StorageDriver):
 
     async def stat(self, path: str) -> FileInfo:
         key = self._key(path)
-        head = await self._head(key) if key else None
+        head, touched = await asyncio.gather(self._head(key), self._head(key + "/.touched")) if key else (None, None)
         if head is not None:
             mtime = head["LastModified"].timestamp()
-            touched = await self._head(key + "/.touched")
             if touched is not None:
                 mtime = max(mtime, touched["LastModified"].timestamp())
             return FileInfo(path, int(head["ContentLength"]), mtime, False)
@@ -1095,7 +1094,7 @@ class S3Writer(FileWriter):
         return False
 
     async def _session_there(self) -> bool:
-        try:
-            return (await self._driver.stat(self._session)).is_dir
-        except PathNotFound:
-            return False
+        assert self._session is not None
+        async for _ in self._driver._listed(self._driver._prefix(self._session)):
+            return True  # one listing: a stat would ask for an object and its segments first
+        return False
