@@ -284,7 +284,8 @@ class S3Driver(StorageDriver):
 
     async def _seal(self, record_key: str) -> str:
         """Complete an open segment's multipart upload with the parts its record lists, and
-        forget its records; the segment object's key."""
+        forget its records (unless the object holds more: then they keep its true length); the
+        segment object's key."""
         key, _, name = record_key.rpartition("/.open/")
         offset, size, token = name.split("-", 2)
         target = f"{key}/.seg/{offset}-{token}"
@@ -1076,8 +1077,14 @@ class S3Writer(FileWriter):
             if self._upload is not None or self._filled:
                 await self._publish()  # kept as a temporary: purged if never committed
             return True
-        if not await self._keepable():
-            return False
+        if self._session is not None:  # asked while the parts in flight land: one round trip less
+            there, settled = await asyncio.gather(self._session_there(), self._settle(), return_exceptions=True)
+            for outcome in (settled, there):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            if not there:
+                await self.cancel()  # no segment resurrects a removed upload
+                return False
         if self.size > self._start:
             if seal or self._readable or self._filled or self._upload is None:
                 await self._publish()  # the segment becomes part of the object
