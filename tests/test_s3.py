@@ -518,19 +518,25 @@ async def test_the_lease_of_an_owner_that_died_expires_and_exactly_one_contender
         await driver.close()
 
 
+def _upload_on_a_replica(rgw: dict[str, str], server_factory: Any, tmp_path: Path, root: str,
+                         size: int) -> tuple[dict[str, str], Any, bytes, str]:
+    """A replica on a root of its own (`env`, for the one the caller starts later over
+    tmp_path/b), a random blob of `size`, and the path of an upload session begun on it."""
+    env = s3_env(rgw, f"/{root}-{uuid.uuid4().hex[:12]}")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = server_factory(tmp_path / "a", env=env)
+    status, headers, _ = http("POST", f"{first.url}/v2/big/blobs/uploads/")
+    assert status == 202
+    return env, first, os.urandom(size), urlparse(headers["Location"]).path
+
+
 def test_kill_9_mid_patch_on_s3_resumes_on_another_replica_from_the_durable_offset(rgw, server_factory, tmp_path):
     """A replica killed mid-PATCH loses only what was not in a published segment: bytes that
     arrived before the client paused (their segment published when the body went quiet) are
     the offset another replica reports, and the push completes there: its first PATCH waits out
     the dead replica's lease (shorter than a request's wait for an owner) instead of failing."""
-    env = s3_env(rgw, f"/crash-{uuid.uuid4().hex[:12]}")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    first = server_factory(tmp_path / "a", env=env)
-    blob = os.urandom(20 << 20)
-    status, headers, _ = http("POST", f"{first.url}/v2/big/blobs/uploads/")
-    assert status == 202
-    path = urlparse(headers["Location"]).path
+    env, first, blob, path = _upload_on_a_replica(rgw, server_factory, tmp_path, "crash", 20 << 20)
     u = urlparse(first.url)
     s = socket.create_connection((u.hostname, u.port))
     s.sendall(f"PATCH {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Length: {len(blob)}\r\n\r\n".encode())
@@ -893,14 +899,7 @@ def test_kill_9_mid_patch_with_an_open_upload_resumes_on_another_replica(rgw, se
     the bucket but not recorded: another replica reports the recorded offset, the client
     resends from there in a shorter chunk (so one of the dead replica's parts outlives it),
     and the blob comes out whole."""
-    env = s3_env(rgw, f"/crash-open-{uuid.uuid4().hex[:12]}")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    first = server_factory(tmp_path / "a", env=env)
-    blob = os.urandom(30 << 20)
-    status, headers, _ = http("POST", f"{first.url}/v2/big/blobs/uploads/")
-    assert status == 202
-    path = urlparse(headers["Location"]).path
+    env, first, blob, path = _upload_on_a_replica(rgw, server_factory, tmp_path, "crash-open", 30 << 20)
     status, _, body = http("PATCH", f"{first.url}{path}", blob[:10 << 20], {"Content-Range": f"0-{(10 << 20) - 1}"})
     assert status == 202, body
     u = urlparse(first.url)
