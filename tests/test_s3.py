@@ -921,3 +921,40 @@ def test_kill_9_mid_patch_with_an_open_upload_resumes_on_another_replica(rgw, se
     assert status == 201, body
     status, _, got = http("GET", f"{second.url}/v2/big/blobs/{digest}")
     assert status == 200 and got == blob
+
+
+async def test_a_failed_part_of_a_writer_going_on_in_an_open_upload_keeps_what_was_recorded(rgw):
+    """A writer that went on in an open upload and had a part fail must not abort the upload
+    (its parts before were recorded by earlier PATCHes): the size stays the recorded one, and
+    whatever of its own parts landed past the record is cut off when the client resends."""
+    driver = _driver(rgw, "failedopen")
+    try:
+        await driver.put_content("/up/startedat", b"x")
+        blob = os.urandom(12 * P + 5)
+        await _append(driver, blob[:2 * P])
+        client = await driver._s3()
+        upload_part = client.upload_part
+        calls = 0
+
+        async def failing(**kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise OSError("connection reset by the engine")
+            return await upload_part(**kw)
+        client.upload_part = failing
+        writer = await driver.append("/up/data")
+        with pytest.raises(OSError):
+            for start in range(2 * P, 12 * P, 1 << 20):
+                await writer.write([blob[start:start + (1 << 20)]])
+            await writer.close()
+        await writer.close()
+        client.upload_part = upload_part
+        assert (await driver.stat("/up/data")).size == 2 * P and driver.buffers.used == 0
+        assert len(await _uploads_under(driver)) == 1  # the recorded parts are still there
+        await _append(driver, blob[2 * P:])
+        writer = await driver.append("/up/data")
+        await writer.commit("/blob", len(blob))
+        assert await driver.get_content("/blob") == blob and await _uploads_under(driver) == []
+    finally:
+        await driver.close()
