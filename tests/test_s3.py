@@ -610,6 +610,21 @@ async def test_segments_of_every_size_assemble_in_equal_parts(rgw):
         await driver.close()
 
 
+def _second_part_fails(client: Any) -> Any:
+    """Make the client's second UploadPart fail as a reset connection; the real one, to put back."""
+    upload_part = client.upload_part
+    calls = 0
+
+    async def failing(**kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError("connection reset by the engine")
+        return await upload_part(**kw)
+    client.upload_part = failing
+    return upload_part
+
+
 @pytest.mark.parametrize("in_place", [False, True], ids=["copied", "received-in-place"])
 async def test_a_failed_part_is_never_published_as_a_segment_with_a_hole(rgw, in_place):
     """S3 completes a multipart upload whatever part numbers are missing: a segment completed
@@ -620,16 +635,7 @@ async def test_a_failed_part_is_never_published_as_a_segment_with_a_hole(rgw, in
     try:
         await driver.put_content("/up/startedat", b"x")
         client = await driver._s3()
-        upload_part = client.upload_part
-        calls = 0
-
-        async def failing(**kw: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls == 2:
-                raise OSError("connection reset by the engine")
-            return await upload_part(**kw)
-        client.upload_part = failing
+        upload_part = _second_part_fails(client)
         writer = await driver.append("/up/data")
         blob = os.urandom(64 << 20)  # more parts than go at once: the failure meets a write
         with pytest.raises(OSError):
@@ -933,16 +939,7 @@ async def test_a_failed_part_of_a_writer_going_on_in_an_open_upload_keeps_what_w
         blob = os.urandom(12 * P + 5)
         await _append(driver, blob[:2 * P])
         client = await driver._s3()
-        upload_part = client.upload_part
-        calls = 0
-
-        async def failing(**kw: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls == 2:
-                raise OSError("connection reset by the engine")
-            return await upload_part(**kw)
-        client.upload_part = failing
+        upload_part = _second_part_fails(client)
         writer = await driver.append("/up/data")
         with pytest.raises(OSError):
             for start in range(2 * P, 12 * P, 1 << 20):
