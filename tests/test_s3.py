@@ -752,8 +752,7 @@ async def _open_record(driver: Any, path: str = "/up/data") -> tuple[str, str, d
     """The open segment's record key, its upload's key, and the record."""
     key = driver._key(path)
     (record_key,) = [k for _, _, k in await driver._segments(key) if "/.open/" in k]
-    offset, _, token = record_key.rpartition("/.open/")[2].split("-", 2)
-    return record_key, f"{key}/.seg/{offset}-{token}", await driver._record(record_key)
+    return record_key, driver._open_segment(record_key)[1], await driver._record(record_key)
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["copied", "received-in-place"])

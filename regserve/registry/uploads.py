@@ -459,8 +459,11 @@ class UploadSession:
         chunked push's every PATCH."""
         dirs = {a: paths.upload_hashstates(self.name, self.id, a) for a in ("sha256", "sha512")}
         listed = await self.driver.list_many(list(dirs.values()))
-        saved = {a: sorted(int(p.rsplit("/", 1)[1]) for p in entries if p.rsplit("/", 1)[1].isdigit())
-                 for a, entries in ((a, listed[d]) for a, d in dirs.items()) if entries is not None}
+        saved = {}
+        for algorithm, d in dirs.items():
+            if listed[d] is not None:
+                names = [p.rsplit("/", 1)[1] for p in listed[d]]
+                saved[algorithm] = sorted(int(n) for n in names if n.isdigit())
         return saved or {"sha256": []}
 
     async def _resume_hashers(self, size: int, saved: dict[str, list[int]]) -> list[hashstate.Hasher]:

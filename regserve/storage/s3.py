@@ -70,6 +70,11 @@ LEASE_SECONDS = 9.0         # a lock's lease, renewed every third of it while he
 _MISSING = ("NoSuchKey", "404", "NotFound", "NoSuchUpload")
 
 
+def _token(segment_key: str) -> str:
+    """What names a segment's multipart upload and its records (`<offset>-<token>`)."""
+    return segment_key.rsplit("-", 1)[1]
+
+
 def _content_md5(request: Any, **_: Any) -> None:
     """Batch deletes carry Content-MD5: S3 once required it, and stricter engines (Swift's s3api,
     MinIO-derived ones) still refuse a DeleteObjects without it (botocore sends a CRC32 only)."""
@@ -278,6 +283,14 @@ class S3Driver(StorageDriver):
                 sealed[token] = (offset, min(size, records.pop(token)[1]), k)
         return sorted([*sealed.values(), *records.values()])
 
+    @staticmethod
+    def _open_segment(record_key: str) -> tuple[str, str, int]:
+        """An open segment's record key, read: the appended object's key, the key its multipart
+        upload completes to (the segment object's), and the size it records."""
+        key, _, name = record_key.rpartition("/.open/")
+        offset, size, token = name.split("-", 2)
+        return key, f"{key}/.seg/{offset}-{token}", int(size)
+
     async def _record(self, record_key: str) -> dict:
         """An open segment's record: its multipart upload, part size and parts' ETags."""
         return json.loads(await self._read_key(record_key))
@@ -286,9 +299,7 @@ class S3Driver(StorageDriver):
         """Complete an open segment's multipart upload with the parts its record lists, and
         forget its records (unless the object holds more: then they keep its true length); the
         segment object's key."""
-        key, _, name = record_key.rpartition("/.open/")
-        offset, size, token = name.split("-", 2)
-        target = f"{key}/.seg/{offset}-{token}"
+        _, target, size = self._open_segment(record_key)
         try:
             record = await self._record(record_key)
         except ClientError as e:
@@ -296,8 +307,8 @@ class S3Driver(StorageDriver):
                 raise
             return target  # sealed just now by another
         parts = [{"PartNumber": i + 1, "ETag": etag} for i, etag in enumerate(record["etags"])]
-        if await self._complete(target, record["upload"], parts, int(size)):
-            await self._drop_records(key, token)  # else they say how much of it is the segment
+        if await self._complete(target, record["upload"], parts, size):
+            await self._drop_records(target)  # else they say how much of it is the segment
         return target
 
     async def _complete(self, target: str, upload: str, parts: list[dict], size: int) -> bool:
@@ -337,11 +348,13 @@ class S3Driver(StorageDriver):
                                 PartNumberMarker=len(record["etags"]), MaxParts=1)
         return bool(r.get("Parts"))
 
-    async def _records_of(self, key: str, token: str) -> list[str]:
-        return [k async for k, _ in self._listed(key + "/.open/") if k.endswith("-" + token)]
+    async def _records_of(self, segment_key: str) -> list[str]:
+        """The records of the open segment that completes to `segment_key`."""
+        key = segment_key.rpartition("/.seg/")[0]
+        return [k async for k, _ in self._listed(key + "/.open/") if k.endswith("-" + _token(segment_key))]
 
-    async def _drop_records(self, key: str, token: str) -> None:
-        await self._delete_keys(await self._records_of(key, token))
+    async def _drop_records(self, segment_key: str) -> None:
+        await self._delete_keys(await self._records_of(segment_key))
 
     async def stat(self, path: str) -> FileInfo:
         key = self._key(path)
@@ -406,21 +419,23 @@ class S3Driver(StorageDriver):
                 await self.stat(parent)
             except PathNotFound:
                 raise PathNotFound(path) from None
-        for i, (offset, size, k) in enumerate(segments):  # only the last may stay open
-            if "/.open/" in k and (i < len(segments) - 1 or readable):
-                segments[i] = (offset, size, await self._seal(k))
+        going_on = None  # the record of the open segment the writer goes on in
+        for i, (offset, size, k) in enumerate(segments):
+            if "/.open/" not in k:
+                continue
+            if i == len(segments) - 1 and not readable:  # only the last may stay open
+                record = await self._record(k)
+                if len(record["etags"]) < PARTS_PER_SEGMENT and \
+                        not await self._past_record(self._open_segment(k)[1], record):
+                    going_on = record
+                    continue
+            # full, or a writer was killed in it: sealed, and the writer starts a segment
+            segments[i] = (offset, size, await self._seal(k))
         size = sum(s for _, s, _ in segments)
         writer = S3Writer(self, key, f"{key}/.seg/{size:020d}-{uuid.uuid4().hex}", size, segments,
                           private=False, session=parent or None, readable=readable)
-        if segments and "/.open/" in segments[-1][2]:
-            record = await self._record(segments[-1][2])
-            if len(record["etags"]) < PARTS_PER_SEGMENT and not await self._past_record(
-                    writer.open_target(segments[-1][2]), record):
-                writer.go_on(segments[-1], record)
-            else:  # full, or a writer was killed in it: sealed, and the writer starts a segment
-                writer = S3Writer(self, key, writer._target, size,
-                                  [*segments[:-1], (*segments[-1][:2], await self._seal(segments[-1][2]))],
-                                  private=False, session=parent or None, readable=readable)
+        if going_on is not None:
+            writer.go_on(segments[-1], going_on)
         return writer
 
     async def _copy(self, source: str, dest: str, size: int) -> None:
@@ -527,9 +542,7 @@ class S3Driver(StorageDriver):
                     if not _missing(e):
                         raise
                     continue
-                key_of, _, name = k.rpartition("/.open/")
-                offset, _, token = name.split("-", 2)
-                await self._abort(f"{key_of}/.seg/{offset}-{token}", record["upload"])
+                await self._abort(self._open_segment(k)[1], record["upload"])
         await self._delete_keys(keys)
 
     async def touch(self, path: str) -> None:
@@ -667,8 +680,7 @@ class S3Driver(StorageDriver):
     async def _recorded(self, upload_key: str) -> bool:
         """Whether a multipart upload is an open segment's, which lives as long as its upload
         session (purged with it): its age says nothing about a client pausing between chunks."""
-        key, sep, name = upload_key.rpartition("/.seg/")
-        return bool(sep) and bool(await self._records_of(key, name.partition("-")[2]))
+        return "/.seg/" in upload_key and bool(await self._records_of(upload_key))
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -727,18 +739,13 @@ class S3Writer(FileWriter):
         self._unsent = 0        # admitted bytes S3 does not have yet
         self._error: BaseException | None = None
 
-    def open_target(self, record_key: str) -> str:
-        """The key an open segment's multipart upload completes to."""
-        offset, _, token = record_key.rpartition("/.open/")[2].split("-", 2)
-        return f"{self._key}/.seg/{offset}-{token}"
-
     def go_on(self, segment: tuple[int, int, str], record: dict) -> None:
         """Write on in the open segment (the last of `segments`) that `record` describes."""
         offset, _, self._record = segment
         assert self._segments[-1] == segment and self.size == offset + len(record["etags"]) * record["part"]
         self._segments.pop()
         self._start, self._part_size, self._upload = offset, record["part"], record["upload"]
-        self._target = self.open_target(self._record)
+        self._target = self._driver._open_segment(self._record)[1]
         self._parts = [{"PartNumber": i + 1, "ETag": etag} for i, etag in enumerate(record["etags"])]
         self._numbered = len(self._parts)
 
@@ -938,7 +945,7 @@ class S3Writer(FileWriter):
                 await s3.complete_multipart_upload(Bucket=self._driver.bucket, Key=self._target,
                                                    UploadId=self._upload, MultipartUpload={"Parts": parts})
             elif await self._driver._complete(self._target, self._upload, parts, self.size - self._start):
-                await self._driver._drop_records(self._key, self._target.rsplit("-", 1)[1])
+                await self._driver._drop_records(self._target)
                 self._record = None
             else:  # parts came from elsewhere (a writer that lost its lease): the record's size
                 raise CommitMismatch(f"{self._key}: another writer added to its upload")  # stands
@@ -953,8 +960,7 @@ class S3Writer(FileWriter):
         if [p["PartNumber"] for p in parts] != list(range(1, len(parts) + 1)) \
                 or self.size - self._start != len(parts) * self._part_size:
             raise RuntimeError(f"{self._key}: the parts of an open segment do not add up")
-        token = self._target.rsplit("-", 1)[1]
-        record = f"{self._key}/.open/{self._start:020d}-{self.size:020d}-{token}"
+        record = f"{self._key}/.open/{self._start:020d}-{self.size:020d}-{_token(self._target)}"
         if record == self._record:
             return  # nothing new
         body = json.dumps({"upload": self._upload, "part": self._part_size,
@@ -1077,14 +1083,8 @@ class S3Writer(FileWriter):
             if self._upload is not None or self._filled:
                 await self._publish()  # kept as a temporary: purged if never committed
             return True
-        if self._session is not None:  # asked while the parts in flight land: one round trip less
-            there, settled = await asyncio.gather(self._session_there(), self._settle(), return_exceptions=True)
-            for outcome in (settled, there):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            if not there:
-                await self.cancel()  # no segment resurrects a removed upload
-                return False
+        if not await self._keepable():
+            return False
         if self.size > self._start:
             if seal or self._readable or self._filled or self._upload is None:
                 await self._publish()  # the segment becomes part of the object
@@ -1093,9 +1093,16 @@ class S3Writer(FileWriter):
         return True
 
     async def _keepable(self) -> bool:
-        """Whether the upload this writer appends to is still there; if not, the writer is
-        cancelled (no segment resurrects a removed upload)."""
-        if self._session is None or await self._session_there():
+        """Whether the upload this writer appends to is still there, asked while the parts in
+        flight land (the writer publishes next, after them: one round trip less); if not, the
+        writer is cancelled (no segment resurrects a removed upload)."""
+        if self._session is None:
+            return True
+        there, settled = await asyncio.gather(self._session_there(), self._settle(), return_exceptions=True)
+        for outcome in (settled, there):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if there:
             return True
         await self.cancel()
         return False
