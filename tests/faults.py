@@ -137,6 +137,7 @@ class FaultyDriver(StorageDriver):
 class FaultyWriter(FileWriter):
     def __init__(self, driver: FaultyDriver, inner: FileWriter, path: str) -> None:
         self._driver, self._inner, self._path = driver, inner, path
+        self.survives_crash = inner.survives_crash
 
     @property
     def size(self) -> int:  # type: ignore[override]

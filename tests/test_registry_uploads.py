@@ -282,3 +282,35 @@ async def test_a_budget_waiter_cancelled_takes_nothing_and_blocks_no_one():
     third.cancel()  # ... just as its taker is cancelled: the room goes back
     await asyncio.gather(third, return_exceptions=True)
     assert budget.used == 0
+
+
+@pytest.mark.parametrize("survives_crash", [True, False])
+async def test_hash_states_are_saved_midway_only_where_a_crash_keeps_the_bytes(tmp_path, monkeypatch,
+                                                                             survives_crash):
+    """A state saved in the middle of a body is of use only if a crash leaves the data it
+    describes: every CHECKPOINT_BYTES where written bytes survive (the filesystem), else (S3)
+    once, at the end."""
+    monkeypatch.setattr(uploads, "CHECKPOINT_BYTES", 1 << 20)
+    driver = FilesystemDriver(str(tmp_path))
+    (tmp_path / "upload").mkdir()
+    (tmp_path / "upload/data").write_bytes(b"")
+    writer = await driver.append("/upload/data")
+    writer.survives_crash = survives_crash
+    hasher = hashstate.Hasher("sha256")
+    saved: list[int] = []
+
+    async def checkpoint() -> None:
+        saved.append(hasher.length)
+
+    async def body():
+        for _ in range(12):
+            yield [os.urandom(BATCH), os.urandom(BATCH)]
+
+    await uploads.stream_into(writer, [hasher], body(), checkpoint)
+    await writer.close()
+    total = 12 * 2 * BATCH
+    assert saved[-1] == total
+    if survives_crash:
+        assert len(saved) >= 6 and saved == sorted(saved)
+    else:
+        assert saved == [total]

@@ -137,6 +137,7 @@ class _Writer(FileWriter):
         self.admit = inner.admit  # type: ignore[method-assign]
         self.ready = inner.ready  # type: ignore[method-assign]
         self.ready_now = inner.ready_now  # type: ignore[method-assign]
+        self.survives_crash = inner.survives_crash
 
     @property
     def size(self) -> int:  # type: ignore[override]

@@ -712,6 +712,8 @@ class S3Writer(FileWriter):
     multipart upload has equal parts but its last, as R2 requires, and 10,000 parts of the
     final object reach far past 5 TiB)."""
 
+    survives_crash = False  # its parts are found once it closes, or its segment ends
+
     def __init__(self, driver: S3Driver, key: str, target: str, start: int,
                  segments: list[tuple[int, int, str]], private: bool, session: str | None,
                  readable: bool = False) -> None:
