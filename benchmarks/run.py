@@ -209,12 +209,15 @@ class Harness:
             sys.stderr.flush()
 
     def abba(self, scenario: str, servers: list[Server], fn: Callable[[Server], dict],
-             rounds: int, warmup: bool = False) -> None:
-        """Rounds alternate the order: A B, B A, A B, ... so drift hits both alike."""
+             rounds: int, warmup: bool = False, each_round: Callable[[], None] | None = None) -> None:
+        """Rounds alternate the order: A B, B A, A B, ... so drift hits both alike. `each_round`
+        runs first in every round (a sample of the S3 engine's own rate, in the same conditions)."""
         if warmup:
             for s in servers:
                 fn(s)
         for r in range(rounds):
+            if each_round is not None:
+                each_round()
             order = servers if r % 2 == 0 else list(reversed(servers))
             for s in order:
                 self.measure(scenario, s, lambda s=s: fn(s), r)
@@ -407,7 +410,8 @@ def scaling_section(summaries: list[dict], names: tuple[str, str]) -> str:
 
 
 def write_results(path: Path, info: dict, summaries: list[dict], names: tuple[str, str],
-                  args: argparse.Namespace, ref_version: str, regserve_at: str, picture: str | None = None) -> None:
+                  args: argparse.Namespace, ref_version: str, regserve_at: str, picture: str | None = None,
+                  note: str = "") -> None:
     sha = info["sha256_single_core_MiB/s"]
     pushes = [s for s in summaries if "push_large[" in s["scenario"] and "chunk" not in s["scenario"]]
     share = "\n".join(f"- {s['scenario']}: regserve {fmt(s['MiB/s'][names[0]]['median'])} MiB/s = "
@@ -423,7 +427,7 @@ regserve at {regserve_at} ({args.workers} worker{'s' if args.workers != 1 else '
 same disk, no auth, access log off; rounds alternate A/B/B/A ({args.rounds} samples per server and
 scenario). Ratios are regserve / reference of the medians (for latency, CPU and RSS lower is better).
 `client_cpu_%` is the load generator's own CPU, so a reader can see it is not the limit.
-{chart_line}
+{note}{chart_line}
 ## Machine
 
 | | |
@@ -519,7 +523,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.storage == "s3":
         from . import s3
         engine = s3.Engine(args.rgw)
-        info.update({k: round(v) for k, v in engine.rates(blobs[sizes[-1]]).items()})
         for server in servers:
             s3.OnS3(server, engine, redirect=True)
     print(json.dumps({"machine": info}), flush=True)
@@ -551,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         if engine is not None:
             from . import s3
             s3.run_suite(h, servers, blobs, args, engine, sizes)
+            info.update(engine.rates())
         else:
             run_suite(h, servers, blobs, args)
     finally:
@@ -566,5 +570,6 @@ def main(argv: list[str] | None = None) -> int:
     picture = Path(args.results).with_suffix(".png")
     drawn = chart.draw(summaries, names, picture)
     write_results(Path(args.results), info, summaries, names, args, servers[1].version(),
-                  revision(servers[0].source), picture.name if drawn else None)
+                  revision(servers[0].source), picture.name if drawn else None,
+                  s3.note(args.rounds, summaries, names, engine) if engine else "")
     return 0

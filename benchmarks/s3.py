@@ -9,6 +9,7 @@ run's pushes do not fill the OSD.
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import tempfile
 import time
@@ -22,6 +23,8 @@ from tests.s3 import rgw
 from .scenarios import MIB, BlobFile, get_blob, label_of, push_concurrent, push_large
 from .servers import Server
 
+PROBE = "engine-probe/blob"
+PULL_ROUNDS = 3  # pulls take 1–2 s and vary more than pushes: three times the rounds
 
 class Engine:
     def __init__(self, exports: Path | None) -> None:
@@ -36,6 +39,8 @@ class Engine:
         else:
             text = exports.read_text()
         self.env = rgw.exports(text)
+        self.samples: dict[str, list[float]] = {"engine_put_MiB/s": [], "engine_get_MiB/s": []}
+        self.sizes: set[int] = set()  # of the blobs sampled
         self.bucket = self.env["S3_BUCKET"]
         self.client = get_session().create_client(
             "s3", region_name="us-east-1", endpoint_url=self.env["S3_ENDPOINT"],
@@ -77,22 +82,32 @@ class Engine:
             subprocess.run(["radosgw-admin", "-c", conf, "gc", "process", "--include-all"],
                            capture_output=True, timeout=600)
 
-    def rates(self, blob: BlobFile, rounds: int = 3) -> dict:
-        """The engine's own: a 1 GiB object streamed in one PUT, and read back in one GET."""
-        puts, gets = [], []
-        for r in range(rounds):
-            key = f"engine-probe/{r}"
-            with open(blob.path, "rb") as f:
-                start = time.perf_counter()
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=f, ContentLength=blob.size)
-                puts.append(blob.size / MIB / (time.perf_counter() - start))
+    # The engine's own rates, sampled in the rounds of the scenarios they bound (the RGW's speed
+    # drifts as its OSD fills and warms: a probe at the start read 10% off the later rounds').
+
+    def put_sample(self, blob: BlobFile) -> None:
+        """The blob streamed in one PUT."""
+        self.sizes.add(blob.size)
+        with open(blob.path, "rb") as f:
             start = time.perf_counter()
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-            while body.read(4 * MIB):
-                pass
-            gets.append(blob.size / MIB / (time.perf_counter() - start))
-        self.empty("engine-probe/")
-        return {"engine_put_MiB/s": sorted(puts)[len(puts) // 2], "engine_get_MiB/s": sorted(gets)[len(gets) // 2]}
+            self.client.put_object(Bucket=self.bucket, Key=PROBE, Body=f, ContentLength=blob.size)
+        self.samples["engine_put_MiB/s"].append(blob.size / MIB / (time.perf_counter() - start))
+
+    def get_sample(self, blob: BlobFile) -> None:
+        """The blob read back in one GET."""
+        if not self.samples["engine_put_MiB/s"]:
+            self.put_sample(blob)
+        start = time.perf_counter()
+        body = self.client.get_object(Bucket=self.bucket, Key=PROBE)["Body"]
+        while body.read(4 * MIB):
+            pass
+        self.samples["engine_get_MiB/s"].append(blob.size / MIB / (time.perf_counter() - start))
+
+    def rates(self) -> dict:
+        """Each rate's median (min–max) over its samples; the probe object is removed."""
+        self.empty(PROBE)
+        return {k: f"{round(statistics.median(v))} ({round(min(v))}–{round(max(v))})"
+                for k, v in self.samples.items() if v}
 
 
 class OnS3:
@@ -125,9 +140,12 @@ def run_suite(h, servers: list[Server], blobs: dict, args, engine: Engine, sizes
     for size in sizes:
         blob = blobs[size]
         label = label_of(size)
-        h.abba(f"s3 push_large[{label}]", servers, lambda s: push_large(s, blob), rounds)
+        largest = size == sizes[-1]
+        h.abba(f"s3 push_large[{label}]", servers, lambda s: push_large(s, blob), rounds,
+               each_round=(lambda: engine.put_sample(blob)) if largest else None)
         h.abba(f"s3 push_large[{label},chunk={args.chunk}]", servers, lambda s: push_large(s, blob, chunk), rounds)
-        h.abba(f"s3 pull_large[{label},redirect]", servers, lambda s: pull_via_s3(s, blob), rounds)
+        h.abba(f"s3 pull_large[{label},redirect]", servers, lambda s: pull_via_s3(s, blob), rounds * PULL_ROUNDS,
+               each_round=(lambda: engine.get_sample(blob)) if largest else None)
     for s in servers:  # the same store, served through the registry
         s.stop()
         s.storage_yaml = s.storage_yaml.replace("disable: false", "disable: true")
@@ -135,7 +153,7 @@ def run_suite(h, servers: list[Server], blobs: dict, args, engine: Engine, sizes
     for size in sizes:
         blob = blobs[size]
         label = label_of(size)
-        h.abba(f"s3 pull_large[{label},proxied]", servers, lambda s: pull_via_s3(s, blob), rounds)
+        h.abba(f"s3 pull_large[{label},proxied]", servers, lambda s: pull_via_s3(s, blob), rounds * PULL_ROUNDS)
     many = blobs["concurrent"]
     h.abba(f"s3 push_concurrent[{len(many)}x{many[0].size >> 20}MiB]", servers,
            lambda s: push_concurrent(s, many), rounds)
@@ -147,3 +165,24 @@ def run_suite(h, servers: list[Server], blobs: dict, args, engine: Engine, sizes
 def _size(text: str) -> int:
     from .run import parse_size
     return parse_size(text)
+
+
+def note(rounds: int, summaries: list[dict], names: tuple[str, str], engine: Engine) -> str:
+    """What the results say of the S3 run's sampling, and each registry's share of the engine's
+    own rates in the same rounds."""
+    text = (f"S3 pulls take {rounds * PULL_ROUNDS} samples per server ({rounds} rounds, times {PULL_ROUNDS}: "
+            "a pull lasts 1–2 s and varies more).\n"
+            "The engine's own rates (Machine) are medians (min–max) of one streamed PUT at the start of each\n"
+            "round of the largest streamed push, and one GET at the start of each round of its redirected pull.\n")
+    limits = {"push_large": "engine_put_MiB/s", "pull_large": "engine_get_MiB/s"}
+    largest = max(engine.sizes, default=0)
+    for s in summaries:
+        scenario = s["scenario"]
+        kind = next((k for k in limits if f"s3 {k}[{label_of(largest)}" in scenario), None)
+        rates = engine.samples[limits[kind]] if kind else []
+        if not rates or "MiB/s" not in s:
+            continue
+        shares = ", ".join(f"{n} {100 * s['MiB/s'][n]['median'] / statistics.median(rates):.0f}%"
+                           for n in names if n in s["MiB/s"])
+        text += f"- {scenario}: {shares} of the engine's own {'PUT' if kind == 'push_large' else 'GET'}\n"
+    return text
