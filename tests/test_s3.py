@@ -518,6 +518,43 @@ async def test_the_lease_of_an_owner_that_died_expires_and_exactly_one_contender
         await driver.close()
 
 
+@pytest.mark.parametrize("failing", ["path", "holders"])
+async def test_a_lock_that_fails_to_look_at_its_path_or_holders_leaves_no_lease_behind(rgw, failing):
+    """The lease goes out with the first look at the path, and the look for other holders
+    with the second: an error in either, after the lease was taken, drops it, so the next
+    owner gets the lock at once instead of after the lease's lifetime."""
+    driver = _driver(rgw, "lease-errors")
+    try:
+        await driver.put_content("/up/startedat", b"x")
+        key = driver._key("/up/startedat")
+        head, others = driver._head, driver._others
+        calls = {"head": 0}
+
+        async def failing_head(k: str) -> Any:
+            if k == key:
+                calls["head"] += 1
+                if calls["head"] == 1:
+                    await asyncio.sleep(0.2)  # the lease is taken meanwhile
+                    raise OSError("injected: HEAD failed")
+            return await head(k)
+
+        async def failing_others(*args: Any) -> bool:
+            raise OSError("injected: listing failed")
+
+        if failing == "path":
+            driver._head = failing_head
+        else:
+            driver._others = failing_others
+        with pytest.raises(OSError, match="injected"):
+            async with driver.lock("/up/startedat"):
+                pass
+        driver._head, driver._others = head, others
+        async with driver.lock("/up/startedat"):  # no wait: nothing was left held
+            pass
+    finally:
+        await driver.close()
+
+
 def _upload_on_a_replica(rgw: dict[str, str], server_factory: Any, tmp_path: Path, root: str,
                          size: int) -> tuple[dict[str, str], Any, bytes, str]:
     """A replica on a root of its own (`env`, for the one the caller starts later over

@@ -42,7 +42,7 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Awaitable, Sequence
 
 from aiobotocore.session import get_session
 from botocore.config import Config as BotoConfig
@@ -80,6 +80,20 @@ def _content_md5(request: Any, **_: Any) -> None:
     MinIO-derived ones) still refuse a DeleteObjects without it (botocore sends a CRC32 only)."""
     body = request.body if isinstance(request.body, bytes) else bytes(request.body or b"")
     request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
+async def _both(first: Awaitable[Any], second: Awaitable[Any]) -> tuple[Any, Any]:
+    """Two requests at once, both awaited to the end whatever happens to either (no request
+    is left running unobserved); the first error is raised."""
+    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    return _result(a), _result(b)
+
+
+def _result(outcome: Any) -> Any:
+    """An outcome of gather(return_exceptions=True): its value, or its error raised."""
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def _code(e: ClientError) -> str:
@@ -358,7 +372,7 @@ class S3Driver(StorageDriver):
 
     async def stat(self, path: str) -> FileInfo:
         key = self._key(path)
-        head, touched = await asyncio.gather(self._head(key), self._head(key + "/.touched")) if key else (None, None)
+        head, touched = await _both(self._head(key), self._head(key + "/.touched")) if key else (None, None)
         if head is not None:
             mtime = head["LastModified"].timestamp()
             if touched is not None:
@@ -411,9 +425,9 @@ class S3Driver(StorageDriver):
     async def append(self, path: str, readable: bool = False) -> FileWriter:
         key = self._key(path)
         parent = path.rstrip("/").rsplit("/", 1)[0]
-        if await self._head(key) is not None:  # a whole object: not an upload's
+        whole, segments = await _both(self._head(key), self._segments(key))
+        if whole is not None:  # a whole object: not an upload's
             raise CommitMismatch(f"{path} is a published object, not an upload")
-        segments = await self._segments(key)
         if not segments and parent:
             try:
                 await self.stat(parent)
@@ -529,7 +543,7 @@ class S3Driver(StorageDriver):
 
         async def below() -> list[str]:
             return [k async for k, _ in self._listed(self._prefix(path))]
-        keys, head = await asyncio.gather(below(), self._head(key) if key else asyncio.sleep(0))
+        keys, head = await _both(below(), self._head(key) if key else asyncio.sleep(0))
         if head is not None:
             keys.append(key)
         if not keys:
@@ -557,35 +571,51 @@ class S3Driver(StorageDriver):
     @asynccontextmanager
     async def lock(self, path: str, wait: float = 0.0, shared: bool = False) -> AsyncIterator[None]:
         key = self._key(path)
-        before = await self._head(key)
-        if before is None:
-            raise PathNotFound(path)
         base = f"{self._private}/locks/{key}/"
         mine = base + (f"s/{uuid.uuid4().hex}" if shared else "x")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        delay = 0.005
-        while True:
-            etag = await self._take_lease(mine)
-            if etag is not None:
-                if await self._others(base, mine, shared):
-                    await self._drop_lease(mine)
-                else:
-                    break
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise Busy(path)
-            await asyncio.sleep(min(remaining, delay * (0.5 + uuid.uuid4().int % 1000 / 1000)))
-            delay = min(delay * 2, 0.2)
+        etag = await self._acquire(path, key, base, mine, shared, wait)
         renewal = asyncio.ensure_future(self._renew(mine, etag))
         try:
-            after = await self._head(key)
-            if after is None or after.get("ETag") != before.get("ETag"):
-                raise PathNotFound(path)  # removed, or replaced, by the owner we waited for
             yield
         finally:
             renewal.cancel()
             await asyncio.shield(self._drop_lease(mine))
+
+    async def _acquire(self, path: str, key: str, base: str, mine: str, shared: bool, wait: float) -> str:
+        """Take the lease `mine` on `key`, waiting up to `wait` s for other holders; its ETag.
+        The path is looked at as the first try goes out, and again, with the check for other
+        holders, once the lease is ours (one round trip each: a chunked push takes a lock every
+        PATCH). PathNotFound if it is not there, or was removed or replaced meanwhile (by the
+        owner we waited for); on any error no lease is left behind."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        delay = 0.005
+        head, lease = await asyncio.gather(self._head(key), self._take_lease(mine), return_exceptions=True)
+        held = lease if isinstance(lease, str) else None
+        try:
+            before = _result(head)
+            _result(lease)
+            while True:
+                if before is None:
+                    raise PathNotFound(path)
+                if held is not None:
+                    others, after = await _both(self._others(base, mine, shared), self._head(key))
+                    if not others:
+                        if after is None or after.get("ETag") != before.get("ETag"):
+                            raise PathNotFound(path)
+                        return held
+                    await self._drop_lease(mine)
+                    held = None
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise Busy(path)
+                await asyncio.sleep(min(remaining, delay * (0.5 + uuid.uuid4().int % 1000 / 1000)))
+                delay = min(delay * 2, 0.2)
+                held = await self._take_lease(mine)
+        except BaseException:
+            if held is not None:
+                await asyncio.shield(self._drop_lease(mine))
+            raise
 
     async def _take_lease(self, key: str) -> str | None:
         """Create the lease, or take it over once expired; its ETag, or None if someone holds it."""
@@ -1100,10 +1130,7 @@ class S3Writer(FileWriter):
         writer is cancelled (no segment resurrects a removed upload)."""
         if self._session is None:
             return True
-        there, settled = await asyncio.gather(self._session_there(), self._settle(), return_exceptions=True)
-        for outcome in (settled, there):
-            if isinstance(outcome, BaseException):
-                raise outcome
+        _, there = await _both(self._settle(), self._session_there())
         if there:
             return True
         await self.cancel()
