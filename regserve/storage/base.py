@@ -102,10 +102,11 @@ class FileWriter(abc.ABC):
 
     size: int
     # Whether bytes this writer has written would be found by a session resumed after this
-    # process is killed (the filesystem: they are in the kernel's cache). Where not (S3: parts
-    # of a multipart upload are found only once the writer closes or ends a segment), a hash
-    # state saved in the middle of a body lies past the data a crash leaves, and can never be
-    # used: the upload pipeline saves one only at the body's end.
+    # process is killed (the filesystem: they are in the kernel's cache, but for a direct-I/O
+    # tail of under one block, written at close). Where not (S3: parts of a multipart upload
+    # are found only once the writer closes or ends a segment), a hash state saved in the
+    # middle of a body lies past the data a crash leaves, and can never be used: the upload
+    # pipeline saves one only at the body's end.
     survives_crash: bool = True
 
     def __init__(self) -> None:
