@@ -571,5 +571,5 @@ def main(argv: list[str] | None = None) -> int:
     drawn = chart.draw(summaries, names, picture)
     write_results(Path(args.results), info, summaries, names, args, servers[1].version(),
                   revision(servers[0].source), picture.name if drawn else None,
-                  s3.note(args.rounds, summaries, names, engine) if engine else "")
+                  s3.note(args.rounds, summaries, names, engine, sizes[-1]) if engine else "")
     return 0

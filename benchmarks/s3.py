@@ -26,6 +26,7 @@ from .servers import Server
 PROBE = "engine-probe/blob"
 PULL_ROUNDS = 3  # pulls take 1–2 s and vary more than pushes: three times the rounds
 
+
 class Engine:
     def __init__(self, exports: Path | None) -> None:
         self._own: Path | None = None
@@ -40,7 +41,6 @@ class Engine:
             text = exports.read_text()
         self.env = rgw.exports(text)
         self.samples: dict[str, list[float]] = {"engine_put_MiB/s": [], "engine_get_MiB/s": []}
-        self.sizes: set[int] = set()  # of the blobs sampled
         self.bucket = self.env["S3_BUCKET"]
         self.client = get_session().create_client(
             "s3", region_name="us-east-1", endpoint_url=self.env["S3_ENDPOINT"],
@@ -87,7 +87,6 @@ class Engine:
 
     def put_sample(self, blob: BlobFile) -> None:
         """The blob streamed in one PUT."""
-        self.sizes.add(blob.size)
         with open(blob.path, "rb") as f:
             start = time.perf_counter()
             self.client.put_object(Bucket=self.bucket, Key=PROBE, Body=f, ContentLength=blob.size)
@@ -167,22 +166,21 @@ def _size(text: str) -> int:
     return parse_size(text)
 
 
-def note(rounds: int, summaries: list[dict], names: tuple[str, str], engine: Engine) -> str:
+def note(rounds: int, summaries: list[dict], names: tuple[str, str], engine: Engine, largest: int) -> str:
     """What the results say of the S3 run's sampling, and each registry's share of the engine's
-    own rates in the same rounds."""
+    own rates in the same rounds (those of the `largest` blob, which run_suite samples)."""
     text = (f"S3 pulls take {rounds * PULL_ROUNDS} samples per server ({rounds} rounds, times {PULL_ROUNDS}: "
             "a pull lasts 1–2 s and varies more).\n"
             "The engine's own rates (Machine) are medians (min–max) of one streamed PUT at the start of each\n"
             "round of the largest streamed push, and one GET at the start of each round of its redirected pull.\n")
-    limits = {"push_large": "engine_put_MiB/s", "pull_large": "engine_get_MiB/s"}
-    largest = max(engine.sizes, default=0)
+    limits = {"push_large": ("engine_put_MiB/s", "PUT"), "pull_large": ("engine_get_MiB/s", "GET")}
     for s in summaries:
         scenario = s["scenario"]
         kind = next((k for k in limits if f"s3 {k}[{label_of(largest)}" in scenario), None)
-        rates = engine.samples[limits[kind]] if kind else []
+        rates = engine.samples[limits[kind][0]] if kind else []
         if not rates or "MiB/s" not in s:
             continue
         shares = ", ".join(f"{n} {100 * s['MiB/s'][n]['median'] / statistics.median(rates):.0f}%"
                            for n in names if n in s["MiB/s"])
-        text += f"- {scenario}: {shares} of the engine's own {'PUT' if kind == 'push_large' else 'GET'}\n"
+        text += f"- {scenario}: {shares} of the engine's own {limits[kind][1]}\n"
     return text

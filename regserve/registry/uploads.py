@@ -92,7 +92,7 @@ class ReceivedBody(Protocol):
 def _saves_midway(writer: FileWriter, since: int) -> bool:
     """Whether to save the hash state in the middle of a body, `since` bytes after the last
     save: only where a crash would leave the data it describes (`FileWriter.survives_crash`).
-    On S3 it would not, and each save stopped the body for a drain and a round trip: 6% of a
+    On S3 it would not, and each save stopped the body for a drain and a round trip: 2–6% of a
     streamed push."""
     return writer.survives_crash and since >= CHECKPOINT_BYTES
 
